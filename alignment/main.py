@@ -1,0 +1,66 @@
+"""The one entry point: python -m alignment.main --config=configs/<algo>.py:<preset> --workdir=DIR.
+
+Overrides: --config.optim.lr=1e-5 (unknown keys and wrong types are refused before anything runs).
+"""
+
+import json
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/<algorithm>.py:<preset>[,key=value]",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard files go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _task_builders():
+  from alignment.train import sft  # imported here so that --help and flag errors stay fast
+  return {"sft": sft.build_task}
+
+
+def run(config, workdir: str) -> dict:
+  builders = _task_builders()
+  if config.algorithm not in builders:
+    raise ValueError(f"config.algorithm={config.algorithm!r}; expected one of {sorted(builders)}")
+  from alignment.parallel import initialize_distributed
+  from alignment.train.loop import train
+  initialize_distributed()
+  return train(config, workdir, builders[config.algorithm])
+
+
+def parse_flags(argv):
+  """absl flag parsing with every failure (unknown key, wrong type, bad preset) reduced to one line."""
+  try:
+    argv = flags.FLAGS(argv)
+    _ = flags.FLAGS.config.algorithm  # a bad config file raises on first use: make that use here
+    return argv
+  except Exception as e:  # absl, ml_collections and config files raise a variety of types
+    text = str(e).replace("\\n", "\n")
+    if "Traceback" in text:  # raised inside the config file: its last line says what is wrong
+      text = text.strip().splitlines()[-1]
+    text = " ".join(text.split()).strip("'\"")
+    if isinstance(e, (AttributeError, KeyError)):  # an override names a key the config does not have
+      key = re.findall(r"[A-Za-z_]\w*", text.replace("\\", " "))[0]
+      culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a), "")
+      hint = text[text.find("Did you mean"):] if "Did you mean" in text else ""
+      text = f"{culprit}: no such config key {key!r}. {hint}".strip()
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,55 @@
+"""The one device mesh, axes ('data', 'fsdp', 'tensor'), with GSPMD (Auto) axis types."""
+
+import math
+import os
+from typing import Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # a batch is split over every axis that does not shard the model's width
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Builds the mesh from {'data': d, 'fsdp': f, 'tensor': t}; at most one size may be -1 (the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"config.mesh: unknown axis {unknown[0]!r}; the axes are {MESH_AXES}")
+  shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+  if shape.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+  for axis, size in zip(MESH_AXES, shape):
+    if size == 0 or size < -1:
+      raise ValueError(f"config.mesh.{axis}={size}: sizes are positive or -1 (the rest)")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))}: {len(devices)} devices are not "
+                       f"divisible by {known}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices; "
+                     f"there are {len(devices)}")
+  device_grid = np.asarray(devices).reshape(shape)
+  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-host job when the environment describes one (TPU pod, SLURM, or explicit vars).
+
+  With JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, or on a TPU pod / SLURM job
+  that jax detects itself, calls `jax.distributed.initialize()`; on a single host it does nothing.
+  """
+  explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+  cluster = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
+  if not (explicit or cluster):
+    return
+  if explicit:
+    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()

@@ -1,0 +1,134 @@
+"""The training loop shared by every algorithm: state, jitted step, eval, metrics, checkpoints, resume.
+
+Everything that can fail on bad input (config, mesh, data) fails before the workdir is touched.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from alignment import checkpoint, metrics
+from alignment.parallel import batch_sharding, host_batch_to_global, make_mesh, replicated
+from alignment.train import state as state_lib
+from alignment.train.optim import make_optimizer
+from alignment.train.step import make_eval_step, make_train_step
+from alignment.train.task import Task
+
+
+class _StopRequest:
+  """Turns SIGTERM into a flag the loop reads between steps, so the step in flight completes."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _batch_shardings(batch, mesh):
+  return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, eval_data, mesh, max_batches: int) -> dict:
+  """Mean of the loss (and aux) over up to `max_batches` eval batches, normalised by total tokens."""
+  sums = None
+  for i, host_batch in enumerate(eval_data()):
+    if max_batches and i >= max_batches:
+      break
+    out = jax.device_get(eval_step(params, host_batch_to_global(host_batch, mesh)))
+    sums = out if sums is None else {k: sums[k] + out[k] for k in out}
+  if sums is None:
+    return {}
+  denom = max(float(sums.pop("num_tokens")), 1.0)
+  return {f"eval/{k}": float(v) / denom for k, v in sums.items()}
+
+
+def train(config, workdir: str, build_task) -> dict:
+  """Runs (or resumes) `config.train.steps` steps of `build_task(config, mesh) -> Task` in `workdir`.
+
+  Returns a summary dict (first/final loss, steps, eval metrics) that is also printed as JSON.
+  """
+  mesh = make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  host_batch_size = config.train.batch_size // jax.process_count()
+  if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"] * config.optim.grad_accum_steps):
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} must be divisible by data x fsdp "
+                     f"({mesh.shape['data'] * mesh.shape['fsdp']}) x config.optim.grad_accum_steps "
+                     f"({config.optim.grad_accum_steps})")
+  task: Task = build_task(config, mesh, host_batch_size)
+
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  params_sharding = state_lib.param_shardings(task.spec, mesh, rules)
+  shardings = state_lib.state_shardings(tx, task.spec.abstract_params, params_sharding, mesh)
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = state_lib.create_train_state(task.load_params(params_sharding), tx, shardings, config.train.seed)
+  else:
+    state, meta = ckpt.restore(latest, state_lib.abstract_state(shardings, task.spec.abstract_params, tx))
+    task.train_data.set_state(meta["data"])
+    print(f"Resumed from {workdir}/checkpoints at step {latest}", file=sys.stderr)
+
+  writer = metrics.MetricsWriter(workdir)
+  stop = _StopRequest()
+  start = int(jax.device_get(state["step"]))
+  summary = {"workdir": os.path.abspath(workdir), "start_step": start, **task.info}
+  try:
+    with jax.set_mesh(mesh):
+      first = next(task.train_data)
+      train_step = jax.jit(make_train_step(task.loss_fn, tx, schedule, config.optim.grad_accum_steps),
+                           in_shardings=(shardings, _batch_shardings(first, mesh)),
+                           out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+      eval_step = jax.jit(make_eval_step(task.loss_fn), in_shardings=(params_sharding, None))
+      host_batch = first
+      bar = tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
+                 dynamic_ncols=True, mininterval=2.0, desc="train")
+      for step in range(start + 1, config.train.steps + 1):
+        if step > start + 1:
+          host_batch = next(task.train_data)
+        state, step_metrics = train_step(state, host_batch_to_global(host_batch, mesh))
+        record = {}
+        if step % config.train.log_every == 0 or step == config.train.steps or step == start + 1:
+          record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss is {record['loss']} at step {step}")
+          summary.setdefault("first_loss", record["loss"])
+          summary["final_loss"] = record["loss"]
+          bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if task.eval_data is not None and config.train.eval_every and (
+            step % config.train.eval_every == 0 or step == config.train.steps):
+          record.update(evaluate(eval_step, state["params"], task.eval_data, mesh, config.train.eval_batches))
+          summary.update({k: v for k, v in record.items() if k.startswith("eval/")})
+        if record:
+          writer.write(step, record)
+        bar.update(1)
+        last = step == config.train.steps
+        if last or stop.requested or (config.train.ckpt_every and step % config.train.ckpt_every == 0):
+          ckpt.save(step, state, {"data": task.train_data.get_state(), "step": step})
+        if stop.requested and not last:
+          ckpt.close()
+          print(f"SIGTERM: saved a checkpoint at step {step} in {workdir}/checkpoints; exiting",
+                file=sys.stderr)
+          raise SystemExit(143)
+      bar.close()
+  finally:
+    stop.restore()
+    writer.close()
+    ckpt.close()
+  summary["steps"] = config.train.steps
+  return summary

@@ -1,0 +1,40 @@
+"""The policy model named in `config.model`: its spec, its (sharded) initial params, its tokenizer."""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+from flax import nnx
+
+from alignment import models
+from alignment.train import state as state_lib
+
+
+class ModelSetup(NamedTuple):
+  cfg: models.ModelConfig
+  spec: state_lib.ModelSpec
+  load_params: Callable[[Any], Any]  # shardings -> params
+  tokenizer: Optional[Any]           # tokenizers.Tokenizer or None
+
+
+def setup_model(model_config, seed: int) -> ModelSetup:
+  """Random init for a preset shape (e.g. 'tiny-random'); otherwise weights from `models.load`.
+
+  Compute dtype, remat and scan come from `config.model` either way.
+  """
+  runtime = dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+                 remat=model_config.remat, scan_layers=model_config.scan_layers)
+  tokenizer = None
+  if model_config.name in models.PRESETS:
+    cfg = models.get_model_config(model_config.name, **runtime)
+    if model_config.name in models.NAMED_LOADERS:  # the preset's own tokenizer, e.g. tiny-random's
+      tokenizer = models.load(model_config.name)[1]
+    make = lambda rngs: models.Transformer(cfg, rngs=rngs)
+    load_params = lambda shardings: state_lib.init_params(make, seed, shardings)
+  else:
+    loaded, tokenizer = models.load(model_config.name, dtype=model_config.param_dtype)
+    cfg = dataclasses.replace(loaded.cfg, **runtime)
+    host_params = nnx.state(loaded, nnx.Param).to_pure_dict()
+    make = lambda rngs: models.Transformer(cfg, rngs=rngs)
+    load_params = lambda shardings: jax.device_put(host_params, shardings)
+  return ModelSetup(cfg, state_lib.model_spec(make), load_params, tokenizer)

@@ -1,0 +1,43 @@
+"""The optimizer from config: AdamW, warmup + cosine/linear/constant decay, global-norm clipping."""
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 over `optim.warmup_steps`, then `optim.schedule` down to lr * end_lr_ratio."""
+  if optim.schedule not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule={optim.schedule!r}; expected one of {SCHEDULES}")
+  warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  end = optim.lr * optim.end_lr_ratio
+  if optim.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.end_lr_ratio)
+  elif optim.schedule == "linear":
+    decay = optax.linear_schedule(optim.lr, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(optim.lr)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only: nothing whose path names a norm, a bias or a scalar head bias."""
+  def keep(path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return not any("norm" in n or n in ("bias", "b") for n in names)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(optim, total_steps: int):
+  """Returns (optax transformation, learning-rate schedule)."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  parts = []
+  if optim.clip_norm and optim.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim.clip_norm))
+  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay, mask=_decay_mask))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,56 @@
+"""Supervised fine-tuning: the loss over assistant tokens and the task the shared loop runs."""
+
+import os
+
+import jax
+from flax import nnx
+
+from alignment.kernels import token_logprobs
+from alignment.losses.sft import nll_sum
+from alignment.train.model import setup_model
+from alignment.train.task import Task
+
+
+def make_loss_fn(graphdef, impl: str):
+  """(params, batch, rng) -> (NLL sum, (loss-token count, {'entropy': sum})) over a packed [B, T] batch."""
+
+  def loss_fn(params, batch, rng):
+    del rng  # SFT has no randomness (no dropout in these models)
+    model = nnx.merge(graphdef, params)
+    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    stats = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.unembed_matrix(),
+                           batch["targets"].reshape(-1), impl=impl)
+    loss_sum, num_tokens = nll_sum(stats.logprobs, batch["loss_mask"].reshape(-1))
+    entropy_sum = (stats.entropy * batch["loss_mask"].reshape(-1)).sum()
+    return loss_sum, (num_tokens, {"entropy": entropy_sum})
+
+  return loss_fn
+
+
+def data_dir(data_config) -> str:
+  return data_config.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "alignment", "tfds")
+
+
+def build_task(config, mesh, host_batch_size: int) -> Task:
+  from alignment.data import chat, pipeline, sft as sft_data  # data deps load only when training
+
+  d = config.data
+  sources = sft_data.prepare_sft(d.train_path, d.eval_path or None, data_dir=data_dir(d),
+                                 eval_fraction=0.0 if d.eval_path else d.eval_fraction)
+  model = setup_model(config.model, config.seed)
+  tokenizer = chat.load_tokenizer(d.tokenizer) if d.tokenizer else model.tokenizer
+  if tokenizer is None:
+    raise ValueError(f"config.data.tokenizer: model {config.model.name!r} ships no tokenizer; give a tokenizer.json")
+  if tokenizer.get_vocab_size() > model.cfg.vocab_size:
+    raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model {config.model.name!r} "
+                     f"has vocab_size {model.cfg.vocab_size}")
+  template = chat.load_template(d.chat_template) if d.chat_template else chat.load_template()
+  common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, host_batch_size=host_batch_size,
+                process_index=jax.process_index(), process_count=jax.process_count(), pack=d.pack)
+  train_data = pipeline.make_sft_iterator(sources["train"], seed=d.seed, **common)
+  eval_data = None
+  if "eval" in sources:
+    eval_data = lambda: pipeline.make_sft_eval_iterator(sources["eval"], **common)
+  info = {"train_examples": len(sources["train"]), "eval_examples": len(sources.get("eval", []))}
+  return Task(model.spec, model.load_params, make_loss_fn(model.spec.graphdef, config.kernel.impl),
+              train_data, eval_data, info)

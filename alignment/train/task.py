@@ -1,0 +1,23 @@
+"""What an algorithm hands the shared loop: the model, its loss, and its data."""
+
+import dataclasses
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+from alignment.train.state import ModelSpec
+
+
+class ResumableIterator(Protocol):
+  """Yields per-host numpy batches; its position round-trips through a JSON-serialisable dict."""
+  def __next__(self) -> dict: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class Task:
+  spec: ModelSpec
+  load_params: Callable[[Any], Any]   # shardings -> params (sharded jax.Arrays)
+  loss_fn: Callable                   # (params, batch, rng) -> (loss_sum, (num_tokens, aux sums))
+  train_data: ResumableIterator
+  eval_data: Optional[Callable[[], Iterable[dict]]] = None  # a fresh, finite pass over the eval split
+  info: dict = dataclasses.field(default_factory=dict)     # printed once at start (dataset stats, ...)

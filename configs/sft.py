@@ -1,0 +1,51 @@
+"""Supervised fine-tuning.
+
+  python -m alignment.main --config=configs/sft.py:tiny --workdir=/tmp/sft
+  python -m alignment.main --config=configs/sft.py:smollm2,steps=200 --workdir=/tmp/sft_smol \
+      --config.data.train_path=my_chats.jsonl
+"""
+
+import os
+
+from configs import common
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, ["tiny", "smollm2"], steps=0, batch_size=0, seq_len=0)
+  c = common.base_config()
+  c.algorithm = "sft"
+  c.data = dict(
+      train_path=os.path.join(common.FIXTURES, "sft_messages.jsonl"),
+      eval_path="",           # empty: hold out `eval_fraction` of the train file
+      eval_fraction=0.1,
+      data_dir="",            # where TFDS prepares the data; empty: ~/.cache/alignment/tfds
+      tokenizer="",           # tokenizer.json; empty: the model's own
+      chat_template="",       # a .jinja file; empty: the model's own
+      seq_len=128,
+      pack=True,
+      seed=0,
+  )
+  if a.preset == "tiny":
+    c.model.name = "tiny-random"
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 5
+    c.train.steps = 60
+    c.train.batch_size = 8
+    c.train.eval_every = 30
+  else:
+    c.model.name = "smollm2-135m-instruct"
+    c.data.seq_len = 512
+    c.optim.lr = 2e-5
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.01
+    c.train.steps = 100
+    c.train.batch_size = 8
+    c.train.eval_every = 50
+    c.train.ckpt_every = 50
+  if a.steps:
+    c.train.steps = a.steps
+  if a.batch_size:
+    c.train.batch_size = a.batch_size
+  if a.seq_len:
+    c.data.seq_len = a.seq_len
+  return c

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="alignment",
+    version="0.1.0",
+    description="JAX-native alignment research: SFT, reward modeling, DPO, PPO and GRPO on a sharded mesh.",
+    packages=find_packages(include=["alignment", "alignment.*", "configs"]),
+    package_data={"alignment": ["data/assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.7",
+        "grain>=0.2.12",
+        "tokenizers>=0.21",
+        "jinja2>=3.1",
+        "numpy>=1.26",
+        "gguf>=0.16",
+        "safetensors>=0.5",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0"],
+    },
+)
