@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "configs/<algorithm>.py:<preset>[,key=value]",
@@ -54,9 +54,10 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO
   try:
     summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(summary, indent=2))

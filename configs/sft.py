@@ -29,9 +29,9 @@ def get_config(arg=None):
     c.model.name = "tiny-random"
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 5
-    c.train.steps = 60
+    c.train.steps = 100
     c.train.batch_size = 8
-    c.train.eval_every = 30
+    c.train.eval_every = 50
   else:
     c.model.name = "smollm2-135m-instruct"
     c.data.seq_len = 512

@@ -45,12 +45,12 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
     raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model {config.model.name!r} "
                      f"has vocab_size {model.cfg.vocab_size}")
   template = chat.load_template(d.chat_template) if d.chat_template else chat.load_template()
-  common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, host_batch_size=host_batch_size,
+  common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, batch_size=host_batch_size,
                 process_index=jax.process_index(), process_count=jax.process_count(), pack=d.pack)
   train_data = pipeline.make_sft_iterator(sources["train"], seed=d.seed, **common)
   eval_data = None
   if "eval" in sources:
-    eval_data = lambda: pipeline.make_sft_eval_iterator(sources["eval"], **common)
+    eval_data = lambda: pipeline.make_eval_iterator(sources["eval"], **common)
   info = {"train_examples": len(sources["train"]), "eval_examples": len(sources.get("eval", []))}
   return Task(model.spec, model.load_params, make_loss_fn(model.spec.graphdef, config.kernel.impl),
               train_data, eval_data, info)

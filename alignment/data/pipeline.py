@@ -1,0 +1,209 @@
+"""Per-host SFT batch iterators on grain, with a JSON-serialisable position.
+
+    sources = sft.prepare_sft(train_path, eval_path, data_dir=cache_dir)
+    it = make_sft_iterator(sources["train"], tokenizer=tok, template=tpl, seq_len=512,
+                           batch_size=8, seed=0, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    batch = next(it)              # {inputs, targets, loss_mask, positions, segment_ids}: int32 [8, 512]
+    state = it.get_state()        # JSON-serialisable dict; save it with the checkpoint
+    it.set_state(state)           # a restored iterator yields exactly the batches that would follow
+
+The pipeline: this host's records (`source[process_index::process_count]`) -> shuffle (a new
+permutation each epoch, from `seed`) -> repeat -> tokenize with the chat template and an
+assistant-only loss mask -> shift, truncate, drop (see `packing`) -> pack first-fit (or one example
+per row) -> batches of `batch_size` rows. A final partial batch (finite epochs) is filled with
+padding rows (segment 0, loss 0), so every batch has the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import grain
+import numpy as np
+import tokenizers
+
+from alignment.data import packing
+from alignment.data.chat import prompt_completion_to_messages, tokenize_conversation
+from alignment.data.sft import record_to_messages
+
+STATE_FORMAT = "alignment.data.pipeline/1"
+
+
+def to_messages(record) -> list[dict[str, str]]:
+  """A record of any supported kind -> conversation: a stored TFDS record (bytes fields), a
+    `{"messages": [...]}` or `{"prompt", "completion"}` dict, or a bare list of messages."""
+  if isinstance(record, Mapping):
+    if "messages" in record:
+      messages = record["messages"]
+      if isinstance(messages, Mapping):  # TFDS Sequence-of-dict: {"role": [...], "content": [...]}
+        return record_to_messages(record)
+      return [dict(m) for m in messages]
+    if "prompt" in record:
+      return prompt_completion_to_messages(record["prompt"], record["completion"])
+  if isinstance(record, Sequence):
+    return [dict(m) for m in record]
+  raise TypeError(f"cannot read a conversation from a record of type {type(record).__name__}")
+
+
+class SFTIterator:
+  """Yields `{feature: int32 [batch_size, seq_len]}` batches; checkpointable with get/set_state."""
+
+  def __init__(self, dataset: grain.IterDataset, meta: dict, num_batches: int | None = None):
+    self._it = iter(dataset)
+    self._meta = meta
+    self._num_batches = num_batches  # Pad to at least this many batches (eval across hosts).
+    self._emitted = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      if self._num_batches is None or self._emitted >= self._num_batches:
+        raise
+      batch = packing.empty_rows(self._meta["batch_size"], self._meta["seq_len"])
+    self._emitted += 1
+    return batch
+
+  def get_state(self) -> dict:
+    """The position, as a JSON-serialisable dict: `{"format", "meta", "emitted", "grain"}`."""
+    return {
+        "format": STATE_FORMAT,
+        "meta": dict(self._meta),
+        "emitted": self._emitted,
+        "grain": self._it.get_state()
+    }
+
+  def set_state(self, state: Mapping) -> None:
+    """Restores a position from `get_state()` of an iterator built with the same arguments."""
+    if state.get("format") != STATE_FORMAT:
+      raise ValueError(f"not a data iterator state of format {STATE_FORMAT!r}: {state.get('format')!r}")
+    for key, value in self._meta.items():
+      if state["meta"].get(key) != value:
+        raise ValueError(f"data iterator state was saved with {key}={state['meta'].get(key)!r} but this "
+                         f"iterator has {key}={value!r}; restore onto an iterator built the same way")
+    self._it.set_state(state["grain"])
+    self._emitted = int(state["emitted"])
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """`{"examples", "truncated", "dropped"}`: examples read so far by this host, how many were
+        longer than seq_len + 1 (truncated) and how many had no loss token left (dropped)."""
+    return packing.example_counts(self._it)
+
+
+def _tokenize_fn(tokenizer, template, template_kwargs):
+
+  def tokenize(record):
+    ids, loss_mask = tokenize_conversation(to_messages(record), tokenizer, template, **template_kwargs)
+    return {"ids": ids, "loss_mask": loss_mask}
+
+  return tokenize
+
+
+def _build(source, *, tokenizer, template, seq_len, batch_size, seed, process_index, process_count, pack,
+           num_epochs, shuffle, packing_bins, read_threads, template_kwargs):
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"host {process_index} of {process_count} gets no records from a source of "
+                     f"{len(source)} records")
+  meta = {
+      "num_records": len(source),
+      "seq_len": seq_len,
+      "batch_size": batch_size,
+      "seed": seed,
+      "process_index": process_index,
+      "process_count": process_count,
+      "pack": pack,
+      "num_epochs": num_epochs,
+      "shuffle": shuffle
+  }
+  if shuffle:
+    ds = ds.shuffle(seed=seed)  # A different permutation each epoch (seed + epoch).
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(_tokenize_fn(tokenizer, template, dict(template_kwargs or {})))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size))
+  ds = packing.rows_dataset(ds, seq_len, pack=pack, num_bins=packing_bins or batch_size)
+  ds = ds.batch(batch_size, batch_fn=lambda rows: packing.stack_and_pad(rows, batch_size))
+  return ds, meta
+
+
+def make_sft_iterator(source,
+                      *,
+                      tokenizer: tokenizers.Tokenizer,
+                      template: str,
+                      seq_len: int,
+                      batch_size: int,
+                      seed: int = 0,
+                      process_index: int = 0,
+                      process_count: int = 1,
+                      pack: bool = True,
+                      num_epochs: int | None = None,
+                      shuffle: bool = True,
+                      packing_bins: int | None = None,
+                      read_threads: int = 2,
+                      template_kwargs: Mapping | None = None) -> SFTIterator:
+  """The training iterator of one host: `batch_size` rows of `seq_len` tokens per batch.
+
+    `source` is any random-access sequence of records (a TFDS data source from `sft.prepare_sft`, or
+    a list of conversations). `num_epochs=None` repeats forever; a finite run ends after the last
+    (padded) batch. `packing_bins` open rows are packed at once (default `batch_size`).
+    `template_kwargs` go to the chat template (e.g. `bos_token`).
+    """
+  ds, meta = _build(source,
+                    tokenizer=tokenizer,
+                    template=template,
+                    seq_len=seq_len,
+                    batch_size=batch_size,
+                    seed=seed,
+                    process_index=process_index,
+                    process_count=process_count,
+                    pack=pack,
+                    num_epochs=num_epochs,
+                    shuffle=shuffle,
+                    packing_bins=packing_bins,
+                    read_threads=read_threads,
+                    template_kwargs=template_kwargs)
+  return SFTIterator(ds, meta)
+
+
+def make_eval_iterator(source,
+                       *,
+                       tokenizer: tokenizers.Tokenizer,
+                       template: str,
+                       seq_len: int,
+                       batch_size: int,
+                       process_index: int = 0,
+                       process_count: int = 1,
+                       pack: bool = True,
+                       num_batches: int | None = None,
+                       packing_bins: int | None = None,
+                       read_threads: int = 2,
+                       template_kwargs: Mapping | None = None) -> SFTIterator:
+  """One deterministic pass over this host's records, in order, no shuffle; the last batch padded.
+
+    Hosts can get different numbers of batches; pass `num_batches` (e.g. the maximum over hosts)
+    to make this iterator yield at least that many, the extra ones all padding (loss 0).
+    """
+  ds, meta = _build(source,
+                    tokenizer=tokenizer,
+                    template=template,
+                    seq_len=seq_len,
+                    batch_size=batch_size,
+                    seed=0,
+                    process_index=process_index,
+                    process_count=process_count,
+                    pack=pack,
+                    num_epochs=1,
+                    shuffle=False,
+                    packing_bins=packing_bins,
+                    read_threads=read_threads,
+                    template_kwargs=template_kwargs)
+  return SFTIterator(ds, meta, num_batches=num_batches)

@@ -1,0 +1,235 @@
+"""SFT conversations as a TFDS dataset: local JSONL -> array_record -> random-access data source.
+
+Each JSONL line is one example in either shape:
+
+    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    {"prompt": str, "completion": str}      # becomes [user: prompt, assistant: completion]
+
+Other keys on a line are ignored. Every line of every input file is validated before anything is
+written; the first problem raises a ValueError naming `file:line` and what is wrong. The prepared
+dataset stores normalised conversations (`messages`: a Sequence of `{role, content}` Text features)
+under `data_dir/sft_conversations/<fingerprint>/1.0.0/`, where the fingerprint hashes the input
+files' bytes and the split settings: edited files are prepared afresh, unchanged ones are reused.
+
+    sources = prepare_sft("train.jsonl", eval_path="eval.jsonl", data_dir=cache_dir)
+    sources["train"][0]  ->  {"messages": {"role": [b"user", ...], "content": [b"...", ...]}}
+    record_to_messages(sources["train"][0])  ->  [{"role": "user", "content": "..."}, ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from alignment.data.chat import ROLES, prompt_completion_to_messages
+
+Conversation = list[dict[str, str]]
+
+# Bump when the stored format or the validation rules change: it is part of the fingerprint.
+FORMAT_VERSION = "sft-v1"
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validating JSONL.
+
+
+def _normalise(row, where: str) -> Conversation:
+  """Returns the conversation of one parsed JSONL row, or raises naming `where` (file:line)."""
+  if not isinstance(row, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  if "messages" in row:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+      raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, "
+                       f"got {json.dumps(messages)[:80]}")
+    out = []
+    for j, m in enumerate(messages):
+      if not isinstance(m, dict):
+        raise ValueError(f"{where}: messages[{j}] must be an object with 'role' and 'content', "
+                         f"got {type(m).__name__}")
+      for key in ("role", "content"):
+        if key not in m:
+          raise ValueError(f"{where}: messages[{j}] is missing key '{key}'")
+        if not isinstance(m[key], str):
+          raise ValueError(f"{where}: messages[{j}].{key} must be a string, "
+                           f"got {type(m[key]).__name__}")
+      if m["role"] not in ROLES:
+        raise ValueError(f"{where}: messages[{j}].role {m['role']!r} is not one of {list(ROLES)}")
+      out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+      raise ValueError(f"{where}: conversation has no assistant message, so nothing to learn")
+    return out
+  if "prompt" in row or "completion" in row:
+    for key in ("prompt", "completion"):
+      if key not in row:
+        raise ValueError(f"{where}: missing key '{key}' (a prompt/completion row needs both)")
+      if not isinstance(row[key], str):
+        raise ValueError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+    return prompt_completion_to_messages(row["prompt"], row["completion"])
+  raise ValueError(f"{where}: missing key: a row needs 'messages' or 'prompt' and 'completion' "
+                   f"(keys found: {sorted(row)})")
+
+
+def read_conversations(path: str | pathlib.Path) -> list[Conversation]:
+  """Reads and validates a JSONL file of conversations (blank lines are skipped).
+
+    Raises ValueError `"{path}:{line}: <what is wrong>"` for the first bad line, and
+    `"{path}: file is empty ..."` for a file without any row.
+    """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such file")
+  conversations = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+      conversations.append(_normalise(row, where))
+  if not conversations:
+    raise ValueError(f"{path}: file is empty (no JSONL rows); expected one JSON object per line")
+  return conversations
+
+
+def held_out_split(conversations: Sequence[Conversation],
+                   fraction: float) -> tuple[list[Conversation], list[Conversation]]:
+  """Deterministically splits off `round(fraction * n)` (at least 1) conversations for eval.
+
+    The held-out rows are those with the smallest sha256 of (index, content): the choice depends on
+    nothing but the data, and both parts keep file order.
+    """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"eval_fraction must be in (0, 1), got {fraction}")
+  n = len(conversations)
+  k = max(1, round(fraction * n))
+  if k >= n:
+    raise ValueError(f"eval_fraction={fraction} of {n} rows leaves no training rows")
+  keys = [
+      hashlib.sha256(f"{i}\0{json.dumps(c, sort_keys=True)}".encode()).hexdigest()
+      for i, c in enumerate(conversations)
+  ]
+  held = set(sorted(range(n), key=lambda i: keys[i])[:k])
+  train = [c for i, c in enumerate(conversations) if i not in held]
+  evals = [c for i, c in enumerate(conversations) if i in held]
+  return train, evals
+
+
+def fingerprint(train_path, eval_path=None, eval_fraction: float = 0.0) -> str:
+  """A short hash of the input files' bytes and the split settings (not of the paths)."""
+  h = hashlib.sha256(f"{FORMAT_VERSION}\0{eval_fraction!r}\0".encode())
+  for role, path in (("train", train_path), ("eval", eval_path)):
+    h.update(role.encode() + b"\0")
+    if path is not None:
+      h.update(hashlib.sha256(pathlib.Path(path).read_bytes()).digest())
+  return h.hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------------------------
+# The TFDS builder.
+
+
+@dataclasses.dataclass(eq=False)
+class SftConfig(tfds.core.BuilderConfig):
+  """One prepared variant; `name` is `fp<fingerprint>` so edited inputs get a new directory."""
+  train_path: str = ""
+  eval_path: str | None = None
+  eval_fraction: float = 0.0
+
+
+class SftConversations(tfds.core.GeneratorBasedBuilder):
+  """Conversations from local JSONL, stored as array_record (read with `as_data_source`)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Normalised {role, content} conversations from local JSONL."}
+  # TFDS derives this through `importlib_resources`, which is not a dependency here; it only
+  # serves to look for a (nonexistent) checksums file next to the code.
+  code_path = epath.Path(__file__)
+
+  def __init__(self,
+               *,
+               config: SftConfig,
+               data_dir: str | pathlib.Path,
+               splits: Mapping[str, list[Conversation]] | None = None):
+    # `splits` holds the already validated conversations; only needed to prepare.
+    self._splits = splits
+    super().__init__(config=config, data_dir=str(data_dir), file_format="array_record")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="SFT conversations (normalised to {role, content} messages) from local JSONL.",
+        features=tfds.features.FeaturesDict({
+            "messages":
+                tfds.features.Sequence({
+                    "role": tfds.features.Text(),
+                    "content": tfds.features.Text(),
+                }),
+        }),
+        disable_shuffling=True,  # Keep file order; the grain pipeline shuffles.
+    )
+
+  def _split_generators(self, dl_manager):
+    if self._splits is None:
+      raise RuntimeError("SftConversations needs `splits` to prepare; use prepare_sft()")
+    return {name: self._generate_examples(rows) for name, rows in self._splits.items()}
+
+  def _generate_examples(self, rows):
+    for i, messages in enumerate(rows):
+      yield i, {"messages": messages}
+
+
+def prepare_sft(train_path: str | pathlib.Path,
+                eval_path: str | pathlib.Path | None = None,
+                *,
+                data_dir: str | pathlib.Path,
+                eval_fraction: float = 0.0) -> dict:
+  """Prepares (once per input fingerprint) and returns `{split: data source}`.
+
+    Splits: 'train' from `train_path`; 'eval' from `eval_path`, or else, when `eval_fraction > 0`,
+    a deterministic held-out fraction of the train file (see `held_out_split`); no 'eval' otherwise.
+    Each data source is a random-access `ArrayRecordDataSource` (`len(src)`, `src[i]`) whose records
+    `record_to_messages` turns back into conversations. All inputs are validated before anything is
+    written, so a bad file leaves no prepared dataset behind.
+    """
+  if eval_path is not None and eval_fraction:
+    raise ValueError("pass either eval_path or eval_fraction, not both")
+  train_path = pathlib.Path(train_path).resolve()
+  eval_path = None if eval_path is None else pathlib.Path(eval_path).resolve()
+  for path in (train_path, eval_path):
+    if path is not None and not path.is_file():
+      raise FileNotFoundError(f"{path}: no such file")
+  config = SftConfig(name="fp" + fingerprint(train_path, eval_path, eval_fraction),
+                     description=f"train={train_path} eval={eval_path} eval_fraction={eval_fraction}",
+                     train_path=str(train_path),
+                     eval_path=None if eval_path is None else str(eval_path),
+                     eval_fraction=eval_fraction)
+  builder = SftConversations(config=config, data_dir=data_dir)
+  if not (builder.data_path / "dataset_info.json").exists():
+    train = read_conversations(train_path)
+    splits = {"train": train}
+    if eval_path is not None:
+      splits["eval"] = read_conversations(eval_path)
+    elif eval_fraction:
+      splits["train"], splits["eval"] = held_out_split(train, eval_fraction)
+    builder._splits = splits
+    builder.download_and_prepare()
+  return {split: builder.as_data_source(split) for split in builder.info.splits}
+
+
+def record_to_messages(record: Mapping) -> Conversation:
+  """Decodes one stored record (Text features come back as bytes) into a conversation."""
+  messages = record["messages"]
+  return [{"role": _text(r), "content": _text(c)} for r, c in zip(messages["role"], messages["content"])]
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
