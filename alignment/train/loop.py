@@ -35,6 +35,19 @@ class _StopRequest:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _all_hosts_data_state(data_state: dict) -> list:
+  """Every host's iterator position (they differ: each reads its own shard), in process order."""
+  if jax.process_count() == 1:
+    return [data_state]
+  from jax.experimental import multihost_utils
+  encoded = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  length = int(np.max(multihost_utils.process_allgather(np.array([encoded.size]))))
+  padded = np.zeros(length, np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in np.asarray(gathered)]
+
+
 def _batch_shardings(batch, mesh):
   return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
@@ -81,7 +94,10 @@ def train(config, workdir: str, build_task) -> dict:
     state = state_lib.create_train_state(task.load_params(params_sharding), tx, shardings, config.train.seed)
   else:
     state, meta = ckpt.restore(latest, state_lib.abstract_state(shardings, task.spec.abstract_params, tx))
-    task.train_data.set_state(meta["data"])
+    if len(meta["data"]) != jax.process_count():
+      raise ValueError(f"checkpoint at step {latest} was written by {len(meta['data'])} hosts; this job has "
+                       f"{jax.process_count()} (the data position is per host)")
+    task.train_data.set_state(meta["data"][jax.process_index()])
     print(f"Resumed from {workdir}/checkpoints at step {latest}", file=sys.stderr)
 
   writer = metrics.MetricsWriter(workdir)
@@ -119,7 +135,7 @@ def train(config, workdir: str, build_task) -> dict:
         bar.update(1)
         last = step == config.train.steps
         if last or stop.requested or (config.train.ckpt_every and step % config.train.ckpt_every == 0):
-          ckpt.save(step, state, {"data": task.train_data.get_state(), "step": step})
+          ckpt.save(step, state, {"data": _all_hosts_data_state(task.train_data.get_state()), "step": step})
         if stop.requested and not last:
           ckpt.close()
           print(f"SIGTERM: saved a checkpoint at step {step} in {workdir}/checkpoints; exiting",

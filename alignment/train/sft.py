@@ -8,7 +8,7 @@ from flax import nnx
 from alignment.kernels import token_logprobs
 from alignment.losses.sft import nll_sum
 from alignment.train.model import setup_model
-from alignment.train.task import Task
+from alignment.train.task import Task, prepare_once_per_job
 
 
 def make_loss_fn(graphdef, impl: str):
@@ -35,8 +35,9 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
   from alignment.data import chat, pipeline, sft as sft_data  # data deps load only when training
 
   d = config.data
-  sources = sft_data.prepare_sft(d.train_path, d.eval_path or None, data_dir=data_dir(d),
-                                 eval_fraction=0.0 if d.eval_path else d.eval_fraction)
+  prepare = lambda: sft_data.prepare_sft(d.train_path, d.eval_path or None, data_dir=data_dir(d),
+                                         eval_fraction=0.0 if d.eval_path else d.eval_fraction)
+  sources = prepare_once_per_job(prepare)
   model = setup_model(config.model, config.seed)
   tokenizer = chat.load_tokenizer(d.tokenizer) if d.tokenizer else model.tokenizer
   if tokenizer is None:

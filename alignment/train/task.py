@@ -3,6 +3,8 @@
 import dataclasses
 from typing import Any, Callable, Iterable, Optional, Protocol
 
+import jax
+
 from alignment.train.state import ModelSpec
 
 
@@ -21,3 +23,14 @@ class Task:
   train_data: ResumableIterator
   eval_data: Optional[Callable[[], Iterable[dict]]] = None  # a fresh, finite pass over the eval split
   info: dict = dataclasses.field(default_factory=dict)     # printed once at start (dataset stats, ...)
+
+
+def prepare_once_per_job(prepare):
+  """Process 0 prepares the TFDS data first; the other hosts then open what it wrote (or prepare their
+  own copy when their data_dir is host-local)."""
+  if jax.process_count() == 1:
+    return prepare()
+  from jax.experimental import multihost_utils
+  sources = prepare() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("tfds prepared")
+  return sources if sources is not None else prepare()
