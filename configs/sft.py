@@ -49,3 +49,8 @@ def get_config(arg=None):
   if a.seq_len:
     c.data.seq_len = a.seq_len
   return c
+
+
+def get_sweep(arg=None):
+  """Learning rate x packing: the first ablation anyone runs on a new SFT set."""
+  return [{"optim.lr": lr, "data.pack": pack} for lr in (1e-3, 3e-3) for pack in (True, False)]

@@ -38,18 +38,15 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
 
 
 def initialize_distributed() -> None:
-  """Joins a multi-host job when the environment describes one (TPU pod, SLURM, or explicit vars).
+  """Joins a multi-host job, or does nothing on a single host.
 
-  With JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, or on a TPU pod / SLURM job
-  that jax detects itself, calls `jax.distributed.initialize()`; on a single host it does nothing.
+  Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. Detected: with
+  ALIGNMENT_DISTRIBUTED=1 (set by launch/tpu_pod.sh and launch/gpu_slurm.sh) jax finds the cluster
+  itself (Cloud TPU pod metadata, SLURM variables).
   """
-  explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-  cluster = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if not (explicit or cluster):
-    return
-  if explicit:
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
-  else:
+  elif os.environ.get("ALIGNMENT_DISTRIBUTED") == "1":
     jax.distributed.initialize()
