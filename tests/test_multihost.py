@@ -63,6 +63,6 @@ def test_two_processes_train_one_job_on_a_global_batch_of_both_hosts_shards(tmp_
   setup = tiny_model()
   params = setup.load_params(state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES))
   loss_sum, (count, _) = jax.jit(make_loss_fn(setup.spec.graphdef, "naive"))(
-      params, host_batch_to_global(global_batch, mesh), jax.random.PRNGKey(0))
+      params, None, host_batch_to_global(global_batch, mesh), jax.random.PRNGKey(0))
   assert logged[1]["loss"] == pytest.approx(float(loss_sum / count), abs=1e-5)
   assert logged[1]["num_tokens"] == float(count)

@@ -8,8 +8,11 @@ def _stats(hidden, unembed, targets, temperature):
   logits = jnp.dot(hidden, unembed, preferred_element_type=jnp.float32) / temperature
   logz = jax.nn.logsumexp(logits, axis=-1)
   logp_all = logits - logz[:, None]
-  target_logp = jnp.take_along_axis(logp_all, targets[:, None], axis=-1)[:, 0]
-  return logp_all, target_logp, logz
+  # Targets outside [0, V) (padding ids) read a logit of 0, as in the fused backends.
+  inside = (targets >= 0) & (targets < logits.shape[-1])
+  target_logit = jnp.take_along_axis(logits, jnp.where(inside, targets, 0)[:, None], axis=-1)[:, 0]
+  target_logit = jnp.where(inside, target_logit, 0.0)
+  return logp_all, target_logit - logz, logz
 
 
 def token_logprobs_naive(hidden, unembed, targets, ref_hidden=None, ref_unembed=None, temperature=1.0):

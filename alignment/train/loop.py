@@ -3,6 +3,7 @@
 Everything that can fail on bad input (config, mesh, data) fails before the workdir is touched.
 """
 
+import functools
 import json
 import math
 import os
@@ -52,17 +53,17 @@ def _batch_shardings(batch, mesh):
   return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-def evaluate(eval_step, params, eval_data, mesh, max_batches: int) -> dict:
-  """Mean of the loss (and aux) over up to `max_batches` eval batches, normalised by total tokens."""
+def evaluate(eval_step, eval_data, mesh, max_batches: int) -> dict:
+  """Mean of the loss (and aux) over up to `max_batches` eval batches, normalised by the total count."""
   sums = None
   for i, host_batch in enumerate(eval_data()):
     if max_batches and i >= max_batches:
       break
-    out = jax.device_get(eval_step(params, host_batch_to_global(host_batch, mesh)))
+    out = jax.device_get(eval_step(host_batch_to_global(host_batch, mesh)))
     sums = out if sums is None else {k: sums[k] + out[k] for k in out}
   if sums is None:
     return {}
-  denom = max(float(sums.pop("num_tokens")), 1.0)
+  denom = max(float(sums.pop("count")), 1.0)
   return {f"eval/{k}": float(v) / denom for k, v in sums.items()}
 
 
@@ -82,7 +83,8 @@ def train(config, workdir: str, build_task) -> dict:
 
   tx, schedule = make_optimizer(config.optim, config.train.steps)
   params_sharding = state_lib.param_shardings(task.spec, mesh, rules)
-  shardings = state_lib.state_shardings(tx, task.spec.abstract_params, params_sharding, mesh)
+  shardings = state_lib.state_shardings(tx, task.spec.abstract_params, params_sharding, mesh,
+                                        with_frozen=task.load_frozen is not None)
 
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -91,7 +93,9 @@ def train(config, workdir: str, build_task) -> dict:
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
   latest = ckpt.latest_step()
   if latest is None:
-    state = state_lib.create_train_state(task.load_params(params_sharding), tx, shardings, config.train.seed)
+    frozen = task.load_frozen(params_sharding) if task.load_frozen else None
+    state = state_lib.create_train_state(task.load_params(params_sharding), tx, shardings, config.train.seed,
+                                         frozen)
   else:
     state, meta = ckpt.restore(latest, state_lib.abstract_state(shardings, task.spec.abstract_params, tx))
     if len(meta["data"]) != jax.process_count():
@@ -107,10 +111,12 @@ def train(config, workdir: str, build_task) -> dict:
   try:
     with jax.set_mesh(mesh):
       first = next(task.train_data)
-      train_step = jax.jit(make_train_step(task.loss_fn, tx, schedule, config.optim.grad_accum_steps),
+      train_step = jax.jit(make_train_step(task.loss_fn, tx, schedule, config.optim.grad_accum_steps,
+                                           task.count_name),
                            in_shardings=(shardings, _batch_shardings(first, mesh)),
                            out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-      eval_step = jax.jit(make_eval_step(task.loss_fn), in_shardings=(params_sharding, None))
+      eval_step = jax.jit(make_eval_step(task.loss_fn),
+                          in_shardings=(params_sharding, shardings.get("frozen"), None))
       host_batch = first
       bar = tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
                  dynamic_ncols=True, mininterval=2.0, desc="train")
@@ -128,7 +134,8 @@ def train(config, workdir: str, build_task) -> dict:
           bar.set_postfix(loss=f"{record['loss']:.4f}")
         if task.eval_data is not None and config.train.eval_every and (
             step % config.train.eval_every == 0 or step == config.train.steps):
-          record.update(evaluate(eval_step, state["params"], task.eval_data, mesh, config.train.eval_batches))
+          record.update(evaluate(functools.partial(eval_step, state["params"], state.get("frozen")),
+                                 task.eval_data, mesh, config.train.eval_batches))
           summary.update({k: v for k, v in record.items() if k.startswith("eval/")})
         if record:
           writer.write(step, record)

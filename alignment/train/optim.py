@@ -25,10 +25,10 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: nothing whose path names a norm, a bias or a scalar head bias."""
+  """Weight decay on weights only: nothing whose path names a norm scale or a bias."""
   def keep(path, _):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return not any("norm" in n or n in ("bias", "b") for n in names)
+    return not any("norm" in n or n.endswith("bias") for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -12,10 +12,10 @@ from alignment.train.task import Task, prepare_once_per_job
 
 
 def make_loss_fn(graphdef, impl: str):
-  """(params, batch, rng) -> (NLL sum, (loss-token count, {'entropy': sum})) over a packed [B, T] batch."""
+  """(params, frozen, batch, rng) -> (NLL sum, (loss-token count, {'entropy': sum})) over packed [B, T] rows."""
 
-  def loss_fn(params, batch, rng):
-    del rng  # SFT has no randomness (no dropout in these models)
+  def loss_fn(params, frozen, batch, rng):
+    del frozen, rng  # SFT has no reference model and no randomness (no dropout in these models)
     model = nnx.merge(graphdef, params)
     hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     stats = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.unembed_matrix(),

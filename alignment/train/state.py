@@ -41,24 +41,35 @@ def param_shardings(spec: ModelSpec, mesh: Mesh, rules):
   return tree_shardings(spec.logical_specs, spec.abstract_params, mesh, rules)
 
 
-def state_shardings(tx: optax.GradientTransformation, abstract_params, params_sharding, mesh: Mesh):
-  """Shardings of {params, opt_state, step, rng}: each optimizer moment follows its parameter."""
+def state_shardings(tx: optax.GradientTransformation, abstract_params, params_sharding, mesh: Mesh,
+                    with_frozen: bool = False):
+  """Shardings of {params, opt_state, step, rng[, frozen]}: each optimizer moment follows its parameter,
+  and frozen (reference) params are laid out like the params."""
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sharding = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding,
                                        transform_non_params=lambda _: replicated(mesh))
-  return dict(params=params_sharding, opt_state=opt_sharding, step=replicated(mesh), rng=replicated(mesh))
+  out = dict(params=params_sharding, opt_state=opt_sharding, step=replicated(mesh), rng=replicated(mesh))
+  if with_frozen:
+    out["frozen"] = params_sharding
+  return out
 
 
-def create_train_state(params, tx: optax.GradientTransformation, shardings, seed: int):
-  """Builds the state from (already sharded) params; `params` is donated."""
-  def build(p):
-    return dict(params=p, opt_state=tx.init(p), step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
-  return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
+def _build_state(tx, params, seed, frozen=None):
+  state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+               rng=jax.random.PRNGKey(seed))
+  if frozen is not None:
+    state["frozen"] = frozen
+  return state
+
+
+def create_train_state(params, tx: optax.GradientTransformation, shardings, seed: int, frozen=None):
+  """Builds the state from (already sharded) params and optional frozen params; both are donated."""
+  return jax.jit(lambda p, f: _build_state(tx, p, seed, f), out_shardings=shardings,
+                 donate_argnums=(0, 1) if frozen is not None else 0)(params, frozen)
 
 
 def abstract_state(shardings, abstract_params, tx):
   """ShapeDtypeStructs (with shardings) of the whole state, the target of a checkpoint restore."""
-  shapes = jax.eval_shape(
-      lambda p: dict(params=p, opt_state=tx.init(p), step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(0)),
-      abstract_params)
+  frozen = abstract_params if "frozen" in shardings else None
+  shapes = jax.eval_shape(lambda p, f: _build_state(tx, p, 0, f), abstract_params, frozen)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)

@@ -1,8 +1,8 @@
 """The pure train / eval steps every algorithm shares.
 
-An algorithm supplies `loss_fn(params, batch, rng) -> (loss_sum, num_tokens, aux)`: the SUM of its
-per-token (or per-sequence) losses, the count it should be normalised by, and a dict of summed
-statistics. The step sums all three over micro-batches and divides once, so accumulating k
+An algorithm supplies `loss_fn(params, frozen, batch, rng) -> (loss_sum, (count, aux))`: the SUM of its
+per-token (or per-pair) losses, the count it should be normalised by (tokens, pairs), and a dict of
+summed statistics. `frozen` is the state's untrained params (a DPO reference model), or None. The step sums all three over micro-batches and divides once, so accumulating k
 micro-batches gives exactly the update of one batch k times larger, however uneven their lengths.
 """
 
@@ -31,9 +31,9 @@ def _has_mesh() -> bool:
   return not jax.sharding.get_abstract_mesh().empty
 
 
-def accumulate_gradients(loss_fn: Callable, params, batch, rng, num_micro: int):
-  """Returns (summed grads, loss_sum, num_tokens, aux sums) over `num_micro` micro-batches."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def accumulate_gradients(loss_fn: Callable, params, frozen, batch, rng, num_micro: int):
+  """Returns (summed grads, loss_sum, count, aux sums) over `num_micro` micro-batches."""
+  grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, frozen, b, r), has_aux=True)
   if num_micro == 1:
     (loss_sum, (num_tokens, aux)), grads = grad_fn(params, batch, rng)
     return grads, loss_sum, num_tokens, aux
@@ -56,31 +56,34 @@ def accumulate_gradients(loss_fn: Callable, params, batch, rng, num_micro: int):
   return grads, loss_sum, num_tokens, aux
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
-  """Builds `train_step(state, batch) -> (state, metrics)`; state = {params, opt_state, step, rng}."""
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
+                    count_name: str = "num_tokens"):
+  """Builds `train_step(state, batch) -> (state, metrics)`.
+
+  state = {params, opt_state, step, rng} plus, for algorithms with a reference, `frozen` (never updated).
+  """
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state["rng"])
-    grads, loss_sum, num_tokens, aux = accumulate_gradients(
-        loss_fn, state["params"], batch, step_rng, grad_accum_steps)
-    denom = jnp.maximum(num_tokens, 1.0)
+    grads, loss_sum, count, aux = accumulate_gradients(
+        loss_fn, state["params"], state.get("frozen"), batch, step_rng, grad_accum_steps)
+    denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss_sum / denom, "num_tokens": num_tokens,
+    metrics = {"loss": loss_sum / denom, count_name: count,
                "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
     metrics.update({k: v / denom for k, v in aux.items()})
-    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
-    return new_state, metrics
+    return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng), metrics
 
   return train_step
 
 
 def make_eval_step(loss_fn: Callable):
-  """`eval_step(params, batch) -> sums` of loss, tokens and aux; the caller divides after the pass."""
+  """`eval_step(params, frozen, batch) -> sums` of loss, count and aux; the caller divides after the pass."""
 
-  def eval_step(params, batch):
-    loss_sum, (num_tokens, aux) = loss_fn(params, batch, jax.random.key(0))
-    return {"loss": loss_sum, "num_tokens": num_tokens, **aux}
+  def eval_step(params, frozen, batch):
+    loss_sum, (count, aux) = loss_fn(params, frozen, batch, jax.random.PRNGKey(0))
+    return {"loss": loss_sum, "count": count, **aux}
 
   return eval_step

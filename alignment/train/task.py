@@ -19,10 +19,12 @@ class ResumableIterator(Protocol):
 class Task:
   spec: ModelSpec
   load_params: Callable[[Any], Any]   # shardings -> params (sharded jax.Arrays)
-  loss_fn: Callable                   # (params, batch, rng) -> (loss_sum, (num_tokens, aux sums))
+  loss_fn: Callable                   # (params, frozen, batch, rng) -> (loss_sum, (count, aux sums))
   train_data: ResumableIterator
   eval_data: Optional[Callable[[], Iterable[dict]]] = None  # a fresh, finite pass over the eval split
   info: dict = dataclasses.field(default_factory=dict)     # printed once at start (dataset stats, ...)
+  load_frozen: Optional[Callable[[Any], Any]] = None      # shardings -> reference params, if any
+  count_name: str = "num_tokens"                          # what the loss is normalised by, in metrics
 
 
 def prepare_once_per_job(prepare):

@@ -31,7 +31,7 @@ def _loss_and_grads(mesh):
   batch = host_batch_to_global(_batch(), mesh)
   with jax.set_mesh(mesh):
     (loss_sum, (count, _)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        params, batch, jax.random.PRNGKey(0))
+        params, None, batch, jax.random.PRNGKey(0))
   specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)}
   return float(loss_sum / count), jax.tree.map(lambda g: np.asarray(g) / float(count), grads), specs
 
@@ -71,7 +71,7 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight():
   for k in (1, 4):
     params = setup.load_params(shardings)
     with jax.set_mesh(mesh):
-      grads, loss_sum, count, _ = jax.jit(lambda p, b: accumulate_gradients(loss_fn, p, b, jax.random.PRNGKey(0), k))(
+      grads, loss_sum, count, _ = jax.jit(lambda p, b: accumulate_gradients(loss_fn, p, None, b, jax.random.PRNGKey(0), k))(
           params, batch)
       state = state_lib.create_train_state(params, tx, state_lib.state_shardings(
           tx, setup.spec.abstract_params, shardings, mesh), 0)
