@@ -153,6 +153,7 @@ def tokenize_conversation(messages: Sequence[Mapping[str, str]],
                           template: str,
                           *,
                           strict: bool = False,
+                          last_turn_only: bool = False,
                           bos_token: str = "",
                           eos_token: str = "",
                           **template_kwargs) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +169,9 @@ def tokenize_conversation(messages: Sequence[Mapping[str, str]],
     assistant content starting with a newline merges with the header's newline): then `strict=True`
     raises a ValueError naming the place, and `strict=False` marks every token of the full
     tokenization whose characters overlap an assistant span (the crossing token gets loss 1).
+
+    `last_turn_only=True` masks only the final assistant turn (a preference pair's completion:
+    earlier assistant turns belong to its prompt).
     """
   text, spans = assistant_spans(messages,
                                 template,
@@ -175,6 +179,8 @@ def tokenize_conversation(messages: Sequence[Mapping[str, str]],
                                 bos_token=bos_token,
                                 eos_token=eos_token,
                                 **template_kwargs)
+  if last_turn_only:
+    spans = spans[-1:]
   encoding = tokenizer.encode(text, add_special_tokens=False)
   full = encoding.ids
   ids, mask = [], []

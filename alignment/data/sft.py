@@ -75,57 +75,82 @@ def _normalise(row, where: str) -> Conversation:
                    f"(keys found: {sorted(row)})")
 
 
-def read_conversations(path: str | pathlib.Path) -> list[Conversation]:
-  """Reads and validates a JSONL file of conversations (blank lines are skipped).
+def read_jsonl(path: str | pathlib.Path) -> list[tuple[str, object]]:
+  """Reads a JSONL file as `[(where, row)]`, `where` = `"{path}:{line}"` (blank lines are skipped).
 
-    Raises ValueError `"{path}:{line}: <what is wrong>"` for the first bad line, and
+    Raises ValueError `"{path}:{line}: malformed JSON ..."` for the first unparsable line, and
     `"{path}: file is empty ..."` for a file without any row.
     """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file")
-  conversations = []
+  rows = []
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
       where = f"{path}:{lineno}"
       try:
-        row = json.loads(line)
+        rows.append((where, json.loads(line)))
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-      conversations.append(_normalise(row, where))
-  if not conversations:
+  if not rows:
     raise ValueError(f"{path}: file is empty (no JSONL rows); expected one JSON object per line")
-  return conversations
+  return rows
 
 
-def held_out_split(conversations: Sequence[Conversation],
-                   fraction: float) -> tuple[list[Conversation], list[Conversation]]:
-  """Deterministically splits off `round(fraction * n)` (at least 1) conversations for eval.
+def read_conversations(path: str | pathlib.Path) -> list[Conversation]:
+  """Reads and validates a JSONL file of conversations (blank lines are skipped).
 
-    The held-out rows are those with the smallest sha256 of (index, content): the choice depends on
-    nothing but the data, and both parts keep file order.
+    Raises ValueError `"{path}:{line}: <what is wrong>"` for the first bad line, and
+    `"{path}: file is empty ..."` for a file without any row.
+    """
+  return [_normalise(row, where) for where, row in read_jsonl(path)]
+
+
+def held_out_split(rows: Sequence, fraction: float, *, group=None) -> tuple[list, list]:
+  """Deterministically splits off about `round(fraction * n)` (at least 1) rows for eval.
+
+    Rows are held out by group, whole groups at a time: `group(row) -> str` names a row's group (for
+    preference pairs, its prompt, so that train and eval share no prompt); by default every row is
+    its own group, keyed by `f"{index}\0{json.dumps(row, sort_keys=True)}"`. Groups are taken in
+    increasing sha256 of their key until at least `round(fraction * n)` rows are held out, so the
+    choice depends on nothing but the data; both parts keep file order.
     """
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"eval_fraction must be in (0, 1), got {fraction}")
-  n = len(conversations)
+  n = len(rows)
   k = max(1, round(fraction * n))
-  if k >= n:
-    raise ValueError(f"eval_fraction={fraction} of {n} rows leaves no training rows")
-  keys = [
-      hashlib.sha256(f"{i}\0{json.dumps(c, sort_keys=True)}".encode()).hexdigest()
-      for i, c in enumerate(conversations)
-  ]
-  held = set(sorted(range(n), key=lambda i: keys[i])[:k])
-  train = [c for i, c in enumerate(conversations) if i not in held]
-  evals = [c for i, c in enumerate(conversations) if i in held]
+  if group is None:
+    keys = [f"{i}\0{json.dumps(row, sort_keys=True)}" for i, row in enumerate(rows)]
+  else:
+    keys = [group(row) for row in rows]
+  members = {}
+  for i, key in enumerate(keys):
+    members.setdefault(key, []).append(i)
+  held = set()
+  for key in sorted(members, key=lambda key: hashlib.sha256(key.encode()).hexdigest()):
+    if len(held) >= k:
+      break
+    held.update(members[key])
+  if len(held) >= n:
+    raise ValueError(f"eval_fraction={fraction} of {n} rows ({len(members)} groups) leaves no training rows")
+  train = [row for i, row in enumerate(rows) if i not in held]
+  evals = [row for i, row in enumerate(rows) if i in held]
   return train, evals
 
 
-def fingerprint(train_path, eval_path=None, eval_fraction: float = 0.0) -> str:
-  """A short hash of the input files' bytes and the split settings (not of the paths)."""
-  h = hashlib.sha256(f"{FORMAT_VERSION}\0{eval_fraction!r}\0".encode())
+def fingerprint(train_path,
+                eval_path=None,
+                eval_fraction: float = 0.0,
+                *,
+                version: str = FORMAT_VERSION,
+                settings: Sequence[str] = ()) -> str:
+  """A short hash of the input files' bytes, the stored format `version` and the split and parsing
+    `settings` (not of the paths)."""
+  h = hashlib.sha256(f"{version}\0{eval_fraction!r}\0".encode())
+  for setting in settings:
+    h.update(f"{setting}\0".encode())
   for role, path in (("train", train_path), ("eval", eval_path)):
     h.update(role.encode() + b"\0")
     if path is not None:
@@ -134,7 +159,68 @@ def fingerprint(train_path, eval_path=None, eval_fraction: float = 0.0) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The TFDS builder.
+# The TFDS builders.
+
+
+class LocalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the builders over local JSONL: the rows arrive validated and in memory (`splits`).
+
+    A subclass defines `_info()` (its features) and may override `_example(row)` to turn a
+    validated row into a feature dict. Prepare through `prepare_builder`.
+    """
+
+  # TFDS derives this through `importlib_resources`, which is not a dependency here; it only
+  # serves to look for a (nonexistent) checksums file next to the code.
+  code_path = epath.Path(__file__)
+
+  def __init__(self,
+               *,
+               config: tfds.core.BuilderConfig,
+               data_dir: str | pathlib.Path,
+               splits: Mapping[str, list] | None = None):
+    # `splits` holds the already validated rows; only needed to prepare.
+    self._splits = splits
+    super().__init__(config=config, data_dir=str(data_dir), file_format="array_record")
+
+  def _split_generators(self, dl_manager):
+    if self._splits is None:
+      raise RuntimeError(f"{type(self).__name__} needs `splits` to prepare; use its prepare_* function")
+    return {name: self._generate_examples(rows) for name, rows in self._splits.items()}
+
+  def _generate_examples(self, rows):
+    for i, row in enumerate(rows):
+      yield i, self._example(row)
+
+  def _example(self, row) -> dict:
+    return row
+
+
+def prepare_builder(builder: LocalJsonlBuilder, read_splits, metadata: Mapping | None = None) -> dict:
+  """Prepares `builder` unless already prepared, then returns `{split: data source}`.
+
+    `read_splits() -> {split: rows}` reads and validates the inputs; it runs only when the dataset is
+    not there yet, and before anything is written, so a bad file leaves no prepared dataset behind.
+    `metadata(splits) -> dict`, when given, goes to the dataset's `info.metadata` (`metadata.json`).
+    """
+  if not (builder.data_path / "dataset_info.json").exists():
+    splits = read_splits()
+    builder._splits = splits
+    if metadata is not None:
+      builder.info.metadata.update(metadata(splits))
+    builder.download_and_prepare()
+  return {split: builder.as_data_source(split) for split in builder.info.splits}
+
+
+def resolve_inputs(train_path, eval_path, eval_fraction: float) -> tuple[pathlib.Path, pathlib.Path | None]:
+  """Checks the split arguments and returns the absolute input paths."""
+  if eval_path is not None and eval_fraction:
+    raise ValueError("pass either eval_path or eval_fraction, not both")
+  train_path = pathlib.Path(train_path).resolve()
+  eval_path = None if eval_path is None else pathlib.Path(eval_path).resolve()
+  for path in (train_path, eval_path):
+    if path is not None and not path.is_file():
+      raise FileNotFoundError(f"{path}: no such file")
+  return train_path, eval_path
 
 
 @dataclasses.dataclass(eq=False)
@@ -145,23 +231,11 @@ class SftConfig(tfds.core.BuilderConfig):
   eval_fraction: float = 0.0
 
 
-class SftConversations(tfds.core.GeneratorBasedBuilder):
+class SftConversations(LocalJsonlBuilder):
   """Conversations from local JSONL, stored as array_record (read with `as_data_source`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Normalised {role, content} conversations from local JSONL."}
-  # TFDS derives this through `importlib_resources`, which is not a dependency here; it only
-  # serves to look for a (nonexistent) checksums file next to the code.
-  code_path = epath.Path(__file__)
-
-  def __init__(self,
-               *,
-               config: SftConfig,
-               data_dir: str | pathlib.Path,
-               splits: Mapping[str, list[Conversation]] | None = None):
-    # `splits` holds the already validated conversations; only needed to prepare.
-    self._splits = splits
-    super().__init__(config=config, data_dir=str(data_dir), file_format="array_record")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -177,14 +251,8 @@ class SftConversations(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,  # Keep file order; the grain pipeline shuffles.
     )
 
-  def _split_generators(self, dl_manager):
-    if self._splits is None:
-      raise RuntimeError("SftConversations needs `splits` to prepare; use prepare_sft()")
-    return {name: self._generate_examples(rows) for name, rows in self._splits.items()}
-
-  def _generate_examples(self, rows):
-    for i, messages in enumerate(rows):
-      yield i, {"messages": messages}
+  def _example(self, messages):
+    return {"messages": messages}
 
 
 def prepare_sft(train_path: str | pathlib.Path,
@@ -200,29 +268,23 @@ def prepare_sft(train_path: str | pathlib.Path,
     `record_to_messages` turns back into conversations. All inputs are validated before anything is
     written, so a bad file leaves no prepared dataset behind.
     """
-  if eval_path is not None and eval_fraction:
-    raise ValueError("pass either eval_path or eval_fraction, not both")
-  train_path = pathlib.Path(train_path).resolve()
-  eval_path = None if eval_path is None else pathlib.Path(eval_path).resolve()
-  for path in (train_path, eval_path):
-    if path is not None and not path.is_file():
-      raise FileNotFoundError(f"{path}: no such file")
+  train_path, eval_path = resolve_inputs(train_path, eval_path, eval_fraction)
   config = SftConfig(name="fp" + fingerprint(train_path, eval_path, eval_fraction),
                      description=f"train={train_path} eval={eval_path} eval_fraction={eval_fraction}",
                      train_path=str(train_path),
                      eval_path=None if eval_path is None else str(eval_path),
                      eval_fraction=eval_fraction)
-  builder = SftConversations(config=config, data_dir=data_dir)
-  if not (builder.data_path / "dataset_info.json").exists():
+
+  def read_splits():
     train = read_conversations(train_path)
     splits = {"train": train}
     if eval_path is not None:
       splits["eval"] = read_conversations(eval_path)
     elif eval_fraction:
       splits["train"], splits["eval"] = held_out_split(train, eval_fraction)
-    builder._splits = splits
-    builder.download_and_prepare()
-  return {split: builder.as_data_source(split) for split in builder.info.splits}
+    return splits
+
+  return prepare_builder(SftConversations(config=config, data_dir=data_dir), read_splits)
 
 
 def record_to_messages(record: Mapping) -> Conversation:

@@ -118,8 +118,10 @@ def train(config, workdir: str, build_task) -> dict:
       eval_step = jax.jit(make_eval_step(task.loss_fn),
                           in_shardings=(params_sharding, shardings.get("frozen"), None))
       host_batch = first
-      bar = tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
-                 dynamic_ncols=True, mininterval=2.0, desc="train")
+      show = jax.process_index() == 0
+      bar = tqdm(total=config.train.steps, initial=start, disable=not (show and sys.stderr.isatty()),
+                 dynamic_ncols=True, mininterval=1.0, desc="train")
+      every = max(1, config.train.steps // 10)  # without a terminal: a plain line every tenth of the run
       for step in range(start + 1, config.train.steps + 1):
         if step > start + 1:
           host_batch = next(task.train_data)
@@ -132,6 +134,8 @@ def train(config, workdir: str, build_task) -> dict:
           summary.setdefault("first_loss", record["loss"])
           summary["final_loss"] = record["loss"]
           bar.set_postfix(loss=f"{record['loss']:.4f}")
+          if show and bar.disable and (step % every == 0 or step == start + 1):
+            print(f"step {step}/{config.train.steps} loss {record['loss']:.4f}", file=sys.stderr, flush=True)
         if task.eval_data is not None and config.train.eval_every and (
             step % config.train.eval_every == 0 or step == config.train.steps):
           record.update(evaluate(functools.partial(eval_step, state["params"], state.get("frozen")),
