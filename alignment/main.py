@@ -17,8 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _task_builders():
-  from alignment.train import sft  # imported here so that --help and flag errors stay fast
-  return {"sft": sft.build_task}
+  from alignment.train import dpo, rm, sft  # imported here so that --help and flag errors stay fast
+  return {"sft": sft.build_task, "rm": rm.build_task, "dpo": dpo.build_task}
 
 
 def run(config, workdir: str) -> dict:

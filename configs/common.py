@@ -40,6 +40,17 @@ def parse_arg(arg, presets, **defaults):
   return ml_collections.ConfigDict(dict(preset=preset, **values))
 
 
+def apply_run_args(c, a):
+  """The run-size arguments every config accepts after the preset: steps, batch_size, seq_len (0 = keep)."""
+  if a.steps:
+    c.train.steps = a.steps
+  if a.batch_size:
+    c.train.batch_size = a.batch_size
+  if a.seq_len:
+    c.data.seq_len = a.seq_len
+  return c
+
+
 def base_config():
   """Defaults shared by every algorithm; presets override what they need."""
   c = ml_collections.ConfigDict()
@@ -73,8 +84,28 @@ def base_config():
   c.train.batch_size = 8         # global, in rows of seq_len tokens
   c.train.seed = 0
   c.train.log_every = 1
-  c.train.eval_every = 0         # 0: evaluate at the end only if eval data exists
+  c.train.eval_every = 0         # 0: no evaluation during training
+  c.train.eval_at_start = False  # also evaluate the starting params (logged as step 0)
   c.train.eval_batches = 0       # 0: the whole eval split
   c.train.ckpt_every = 0         # 0: only at the end (and on SIGTERM)
   c.train.max_to_keep = 2
   return c
+
+
+def preference_data(train_file: str):
+  """The data block of the preference algorithms (rm, dpo): local JSONL in HH-RLHF, UltraFeedback or
+  generic {prompt, chosen, rejected[, margin]} format."""
+  return ml_collections.ConfigDict(dict(
+      train_path=os.path.join(FIXTURES, train_file),
+      eval_path="",           # empty: hold out `eval_fraction` of the train file's prompts
+      eval_fraction=0.1,
+      format="auto",          # auto | hh | ultrafeedback | jsonl
+      data_dir="",            # where TFDS prepares the data; empty: ~/.cache/alignment/tfds
+      tokenizer="",           # tokenizer.json; empty: the model's own
+      chat_template="",       # a .jinja file; empty: the model's own
+      seq_len=256,            # tokens per packed row
+      pairs_per_row=1,        # preference pairs packed into one row (chosen and rejected together)
+      max_length=0,           # per sequence; 0: seq_len // (2 * pairs_per_row)
+      truncation="truncate",  # a completion too long for max_length: truncate (prompt kept) | drop
+      seed=0,
+  ))

@@ -42,12 +42,7 @@ def get_config(arg=None):
     c.train.batch_size = 8
     c.train.eval_every = 50
     c.train.ckpt_every = 50
-  if a.steps:
-    c.train.steps = a.steps
-  if a.batch_size:
-    c.train.batch_size = a.batch_size
-  if a.seq_len:
-    c.data.seq_len = a.seq_len
+  common.apply_run_args(c, a)
   return c
 
 

@@ -122,6 +122,11 @@ def train(config, workdir: str, build_task) -> dict:
       bar = tqdm(total=config.train.steps, initial=start, disable=not (show and sys.stderr.isatty()),
                  dynamic_ncols=True, mininterval=1.0, desc="train")
       every = max(1, config.train.steps // 10)  # without a terminal: a plain line every tenth of the run
+      if start == 0 and task.eval_data is not None and config.train.eval_at_start:
+        at_start = evaluate(functools.partial(eval_step, state["params"], state.get("frozen")), task.eval_data,
+                            mesh, config.train.eval_batches)
+        writer.write(0, at_start)
+        summary.update({k.replace("eval/", "eval_at_start/"): v for k, v in at_start.items()})
       for step in range(start + 1, config.train.steps + 1):
         if step > start + 1:
           host_batch = next(task.train_data)
@@ -146,7 +151,12 @@ def train(config, workdir: str, build_task) -> dict:
         bar.update(1)
         last = step == config.train.steps
         if last or stop.requested or (config.train.ckpt_every and step % config.train.ckpt_every == 0):
-          ckpt.save(step, state, {"data": _all_hosts_data_state(task.train_data.get_state()), "step": step})
+          meta = {"data": _all_hosts_data_state(task.train_data.get_state()), "step": step}
+          if last and task.summarize is not None:
+            meta["summary"] = task.summarize(state["params"], state.get("frozen"))
+            summary.update(meta["summary"])
+            writer.write(step, meta["summary"])
+          ckpt.save(step, state, meta)
         if stop.requested and not last:
           ckpt.close()
           print(f"SIGTERM: saved a checkpoint at step {step} in {workdir}/checkpoints; exiting",

@@ -1,14 +1,12 @@
 """Supervised fine-tuning: the loss over assistant tokens and the task the shared loop runs."""
 
-import os
-
 import jax
 from flax import nnx
 
 from alignment.kernels import token_logprobs
 from alignment.losses.sft import nll_sum
 from alignment.train.model import setup_model
-from alignment.train.task import Task, prepare_once_per_job
+from alignment.train.task import Task, data_dir, prepare_once_per_job
 
 
 def make_loss_fn(graphdef, impl: str):
@@ -25,10 +23,6 @@ def make_loss_fn(graphdef, impl: str):
     return loss_sum, (num_tokens, {"entropy": entropy_sum})
 
   return loss_fn
-
-
-def data_dir(data_config) -> str:
-  return data_config.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "alignment", "tfds")
 
 
 def build_task(config, mesh, host_batch_size: int) -> Task:

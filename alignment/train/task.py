@@ -1,6 +1,7 @@
 """What an algorithm hands the shared loop: the model, its loss, and its data."""
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 import jax
@@ -25,6 +26,7 @@ class Task:
   info: dict = dataclasses.field(default_factory=dict)     # printed once at start (dataset stats, ...)
   load_frozen: Optional[Callable[[Any], Any]] = None      # shardings -> reference params, if any
   count_name: str = "num_tokens"                          # what the loss is normalised by, in metrics
+  summarize: Optional[Callable[[Any, Any], dict]] = None  # (params, frozen) -> figures saved at the end
 
 
 def prepare_once_per_job(prepare):
@@ -36,3 +38,8 @@ def prepare_once_per_job(prepare):
   sources = prepare() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("tfds prepared")
   return sources if sources is not None else prepare()
+
+
+def data_dir(data_config) -> str:
+  """Where TFDS prepares a task's data: `config.data.data_dir`, else a per-user cache (not the workdir)."""
+  return data_config.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "alignment", "tfds")

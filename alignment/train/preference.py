@@ -1,0 +1,54 @@
+"""Preference data for the reward-model and DPO tasks: prepared splits, per-host iterators, stats."""
+
+import hashlib
+from typing import Callable, NamedTuple, Optional
+
+import jax
+
+from alignment.train.task import ResumableIterator, data_dir, prepare_once_per_job
+
+
+class PreferenceData(NamedTuple):
+  train: ResumableIterator
+  eval: Optional[Callable[[], ResumableIterator]]  # a fresh ordered pass over the eval split
+  reference_pass: Callable[[str], ResumableIterator]  # an ordered pass over a split (cached references)
+  splits: tuple
+  num_pairs: dict
+  fingerprint: str
+  info: dict
+
+
+def source_fingerprint(source) -> str:
+  """A hash of a split's records in order (what the cached reference log-probs depend on)."""
+  h = hashlib.sha256()
+  for i in range(len(source)):
+    record = source[i]
+    for key in sorted(record):
+      h.update(repr((key, record[key])).encode())
+  return h.hexdigest()[:20]
+
+
+def preference_data(config, model_tokenizer, host_batch_size: int) -> PreferenceData:
+  from alignment.data import chat, preference, preference_pipeline  # data deps load only when training
+
+  d = config.data
+  sources = prepare_once_per_job(lambda: preference.prepare_preferences(
+      d.train_path, d.eval_path or None, data_dir=data_dir(d),
+      eval_fraction=0.0 if d.eval_path else d.eval_fraction, format=d.format))
+  tokenizer = chat.load_tokenizer(d.tokenizer) if d.tokenizer else model_tokenizer
+  if tokenizer is None:
+    raise ValueError(f"config.data.tokenizer: model {config.model.name!r} ships no tokenizer; give a tokenizer.json")
+  template = chat.load_template(d.chat_template) if d.chat_template else chat.load_template()
+  common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, batch_size=host_batch_size,
+                pairs_per_row=d.pairs_per_row, process_index=jax.process_index(),
+                process_count=jax.process_count(), max_length=d.max_length or None, truncation=d.truncation)
+  train = preference_pipeline.make_preference_iterator(sources["train"], seed=d.seed, **common)
+  evaluate = None
+  if "eval" in sources:
+    evaluate = lambda: preference_pipeline.make_preference_eval_iterator(sources["eval"], **common)
+  reference_pass = lambda split: preference_pipeline.make_preference_eval_iterator(sources[split], **common)
+  splits = tuple(sorted(sources))
+  num_pairs = {split: len(sources[split]) for split in splits}
+  fingerprint = hashlib.sha256("|".join(source_fingerprint(sources[s]) for s in splits).encode()).hexdigest()[:20]
+  info = {f"{split}_pairs": n for split, n in num_pairs.items()}
+  return PreferenceData(train, evaluate, reference_pass, splits, num_pairs, fingerprint, info)

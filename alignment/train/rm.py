@@ -1,0 +1,128 @@
+"""Reward modeling: a scalar head read at each sequence's last token, trained with Bradley-Terry.
+
+The score index comes from the data (`chosen_end`, `rejected_end`), never from searching for an EOS
+id, so it is right even when the pad id equals the EOS id. At the end of training the eval set's
+reward mean and std are saved with the checkpoint (PPO normalises rewards with them).
+`RewardScorer` loads a trained workdir and scores (prompt, completion) pairs.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from alignment.checkpoint import Checkpointer
+from alignment.losses.reward import bradley_terry_loss
+from alignment.parallel import host_batch_to_global, make_mesh
+from alignment.train import preference as pref_task
+from alignment.train import state as state_lib
+from alignment.train.model import setup_model
+from alignment.train.optim import make_optimizer
+from alignment.train.task import Task
+
+
+def pair_rewards(graphdef, params, batch):
+  """Rewards of the chosen and rejected sequences: float32 [R, P] each."""
+  scores = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+  read = lambda end: jnp.take_along_axis(scores, end, axis=1)
+  return read(batch["chosen_end"]), read(batch["rejected_end"])
+
+
+def make_loss_fn(graphdef, rm_config):
+  """(params, frozen, batch, rng) -> (BT loss summed over real pairs, (pair count, metric sums))."""
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen, rng
+    r_chosen, r_rejected = pair_rewards(graphdef, params, batch)
+    margin = batch["margin"].reshape(-1) if rm_config.use_margin else None
+    loss, metrics = bradley_terry_loss(r_chosen.reshape(-1), r_rejected.reshape(-1), margin=margin,
+                                       center_coef=rm_config.center_coef)
+    weight = batch["pair_mask"].reshape(-1).astype(jnp.float32)
+    return (loss * weight).sum(), (weight.sum(), {k: (v * weight).sum() for k, v in metrics.items()})
+
+  return loss_fn
+
+
+def reward_stats(graphdef, params, batches, mesh) -> dict:
+  """Mean and std of the rewards of every sequence (chosen and rejected) over `batches`."""
+  fn = jax.jit(lambda p, b: pair_rewards(graphdef, p, b))
+  values = []
+  for host_batch in batches:
+    chosen, rejected = jax.device_get(fn(params, host_batch_to_global(host_batch, mesh)))
+    real = host_batch["pair_mask"].astype(bool)
+    values += [chosen[real], rejected[real]]
+  values = np.concatenate(values) if values else np.zeros(0)
+  return {"reward/mean": float(values.mean()) if values.size else 0.0,
+          "reward/std": float(values.std()) if values.size else 0.0, "reward/count": int(values.size)}
+
+
+def build_task(config, mesh, host_batch_size: int) -> Task:
+  model = setup_model(config.model, config.seed, reward_head=True)
+  data = pref_task.preference_data(config, model.tokenizer, host_batch_size)
+  summary_data = data.eval if data.eval is not None else lambda: data.reference_pass("train")
+  summarize = lambda params, frozen: reward_stats(model.spec.graphdef, params, summary_data(), mesh)
+  return Task(model.spec, model.load_params, make_loss_fn(model.spec.graphdef, config.rm), data.train, data.eval,
+              dict(data.info), count_name="num_pairs", summarize=summarize)
+
+
+class RewardScorer:
+  """Scores (prompt, completion) pairs with the latest checkpoint of a reward-model workdir.
+
+      scorer = RewardScorer("workdirs/rm")
+      scorer.score(["What is 2+2?"], ["4"])  # -> float32 [1]; raw rewards (see `.stats` to normalise)
+  """
+
+  def __init__(self, workdir: str, mesh=None):
+    from alignment.data import chat
+    with open(os.path.join(workdir, "config.json")) as f:
+      self.config = ml_collections.ConfigDict(json.load(f))
+    if self.config.algorithm != "rm":
+      raise ValueError(f"{workdir}/config.json: algorithm is {self.config.algorithm!r}, not 'rm'")
+    self.mesh = mesh or make_mesh({"data": -1})
+    model = setup_model(self.config.model, self.config.seed, reward_head=True)
+    d = self.config.data
+    self.tokenizer = chat.load_tokenizer(d.tokenizer) if d.tokenizer else model.tokenizer
+    self.template = chat.load_template(d.chat_template) if d.chat_template else chat.load_template()
+    rules = tuple(tuple(r) for r in self.config.sharding.rules)
+    params_sharding = state_lib.param_shardings(model.spec, self.mesh, rules)
+    tx, _ = make_optimizer(self.config.optim, self.config.train.steps)
+    shardings = state_lib.state_shardings(tx, model.spec.abstract_params, params_sharding, self.mesh)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"{workdir}/checkpoints: no checkpoint to score with")
+    state, meta = ckpt.restore(step, state_lib.abstract_state(shardings, model.spec.abstract_params, tx))
+    ckpt.close()
+    self.params, self.stats = state["params"], meta.get("summary", {})
+    self._scores = jax.jit(lambda p, b: nnx.merge(model.spec.graphdef, p)(b["inputs"], b["positions"],
+                                                                          b["segment_ids"]))
+
+  def score(self, prompts, completions, batch_size: int = 8) -> np.ndarray:
+    """prompts: strings (one user turn) or message lists; completions: strings -> float32 [N]."""
+    from alignment.data.preference_pipeline import tokenize_sequence
+    if len(prompts) != len(completions):
+      raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
+    sequences = []
+    for prompt, completion in zip(prompts, completions):
+      messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+      ids, _ = tokenize_sequence(messages, completion, self.tokenizer, self.template)
+      sequences.append(ids)
+    width = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    batch_size = -(-batch_size // width) * width
+    seq_len = max(len(ids) for ids in sequences)
+    out = []
+    for start in range(0, len(sequences), batch_size):
+      chunk = sequences[start:start + batch_size]
+      inputs = np.zeros((batch_size, seq_len), np.int32)
+      segments = np.zeros((batch_size, seq_len), np.int32)
+      for i, ids in enumerate(chunk):
+        inputs[i, :len(ids)], segments[i, :len(ids)] = ids, 1
+      positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
+      batch = host_batch_to_global(dict(inputs=inputs, positions=positions, segment_ids=segments), self.mesh)
+      scores = np.asarray(jax.device_get(self._scores(self.params, batch)))
+      out += [scores[i, len(ids) - 1] for i, ids in enumerate(chunk)]
+    return np.asarray(out, np.float32)
