@@ -103,9 +103,9 @@ def preference_data(train_file: str):
       data_dir="",            # where TFDS prepares the data; empty: ~/.cache/alignment/tfds
       tokenizer="",           # tokenizer.json; empty: the model's own
       chat_template="",       # a .jinja file; empty: the model's own
-      seq_len=256,            # tokens per packed row
+      seq_len=256,            # tokens per row
       pairs_per_row=1,        # preference pairs packed into one row (chosen and rejected together)
-      max_length=0,           # per sequence; 0: seq_len // (2 * pairs_per_row)
+      max_length=0,           # per sequence; 0: seq_len // 2 (a pair always fits one row)
       truncation="truncate",  # a completion too long for max_length: truncate (prompt kept) | drop
       seed=0,
   ))

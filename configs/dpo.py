@@ -26,7 +26,6 @@ def get_config(arg=None):
   )
   if a.preset == "tiny":
     c.model.name = "tiny-random"
-    c.data.seq_len = 128
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 5
     c.train.steps = 60

@@ -19,12 +19,11 @@ def get_config(arg=None):
   )
   if a.preset == "tiny":
     c.model.name = "tiny-random"
-    c.data.seq_len = 128
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10
-    c.train.steps = 150
+    c.train.steps = 60
     c.train.batch_size = 8
-    c.train.eval_every = 50
+    c.train.eval_every = 30
   else:
     c.model.name = "smollm2-135m-instruct"
     c.data.seq_len = 512

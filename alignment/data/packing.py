@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 FEATURES = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
-COUNTS_KEY = "sft_counts"  # Where the example counters live in an iterator's state.
+COUNTS_KEY = "sft_counts"  # Where a CountingMapDataset keeps its counters in an iterator's state.
 
 
 def shift_example(ids, loss_mask, seq_len: int) -> tuple[dict[str, np.ndarray] | None, bool]:
@@ -75,24 +75,21 @@ def stack_and_pad(rows, batch_size: int) -> dict[str, np.ndarray]:
   return batch
 
 
-class _ShiftTruncateIterator(grain.DatasetIterator):
-  """`shift_example` over a stream, counting examples, truncations and drops in its state."""
+class _CountingMapIterator(grain.DatasetIterator):
+  """Maps each element with `fn -> (out | None, counts)`, skipping None, summing `counts` in its state."""
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+  def __init__(self, parent: grain.DatasetIterator, fn, keys):
     super().__init__(parent)
-    self._seq_len = seq_len
-    self._counts = {"examples": 0, "truncated": 0, "dropped": 0}
+    self._fn = fn
+    self._counts = {k: 0 for k in keys}
 
   def __next__(self):
     while True:
-      example = next(self._parent)
-      self._counts["examples"] += 1
-      out, truncated = shift_example(example["ids"], example["loss_mask"], self._seq_len)
-      self._counts["truncated"] += int(truncated)
-      if out is None:
-        self._counts["dropped"] += 1
-        continue
-      return out
+      out, counts = self._fn(next(self._parent))
+      for k, v in counts.items():
+        self._counts[k] += int(v)
+      if out is not None:
+        return out
 
   def get_state(self):
     return {"parent": self._parent.get_state(), COUNTS_KEY: dict(self._counts)}
@@ -102,17 +99,33 @@ class _ShiftTruncateIterator(grain.DatasetIterator):
     self._counts = {k: int(v) for k, v in state[COUNTS_KEY].items()}
 
 
-class _ShiftTruncateDataset(grain.IterDataset):
+class CountingMapDataset(grain.IterDataset):
+  """A filter-map that counts what it sees: `fn(element) -> (out_or_None, {counter: increment})`.
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int):
+    None drops the element. The counters (named by `keys`) live in the iterator state under
+    `COUNTS_KEY`, so a restored iterator continues them; `example_counts(iterator)` reads them.
+    """
+
+  def __init__(self, parent: grain.IterDataset, fn, keys, name: str = "CountingMap"):
     super().__init__(parent)
-    self._seq_len = seq_len
+    self._fn = fn
+    self._keys = tuple(keys)
+    self._name = name
 
   def __iter__(self):
-    return _ShiftTruncateIterator(self._parent.__iter__(), self._seq_len)
+    return _CountingMapIterator(self._parent.__iter__(), self._fn, self._keys)
 
   def __str__(self):
-    return f"ShiftTruncate(seq_len={self._seq_len})"
+    return self._name
+
+
+def _shift_and_count(seq_len: int):
+
+  def fn(example):
+    out, truncated = shift_example(example["ids"], example["loss_mask"], seq_len)
+    return out, {"examples": 1, "truncated": truncated, "dropped": out is None}
+
+  return fn
 
 
 def _packed_to_row(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,7 +150,9 @@ def rows_dataset(examples: grain.IterDataset,
     The counters `{"examples", "truncated", "dropped"}` are kept in the iterator state under
     `COUNTS_KEY`, so they are restored with it; `example_counts(iterator)` reads them.
     """
-  ds = _ShiftTruncateDataset(examples, seq_len)
+  ds = CountingMapDataset(examples,
+                          _shift_and_count(seq_len), ("examples", "truncated", "dropped"),
+                          name=f"ShiftTruncate(seq_len={seq_len})")
   if not pack:
     return ds.map(lambda ex: pad_row(ex, seq_len))
   length = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
@@ -149,7 +164,8 @@ def rows_dataset(examples: grain.IterDataset,
 
 
 def example_counts(iterator: grain.DatasetIterator) -> dict[str, int] | None:
-  """`{"examples", "truncated", "dropped"}` so far, from the iterator chain of `rows_dataset`.
+  """The counters of the (first) `CountingMapDataset` stage in an iterator chain, e.g.
+    `{"examples", "truncated", "dropped"}` so far for `rows_dataset`.
 
     Live counts: examples already placed in rows that are not yet emitted are included. (The copy
     kept in `get_state()` is the one as of the last emitted group, which is what a restore replays.)
@@ -160,7 +176,7 @@ def example_counts(iterator: grain.DatasetIterator) -> dict[str, int] | None:
     if id(it) in seen:
       continue
     seen.add(id(it))
-    if isinstance(it, _ShiftTruncateIterator):
+    if isinstance(it, _CountingMapIterator):
       return dict(it._counts)
     todo.extend(getattr(it, "_parents", ()))
   return None

@@ -17,7 +17,7 @@ padding rows (segment 0, loss 0), so every batch has the same shape.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -46,13 +46,20 @@ def to_messages(record) -> list[dict[str, str]]:
   raise TypeError(f"cannot read a conversation from a record of type {type(record).__name__}")
 
 
-class SFTIterator:
-  """Yields `{feature: int32 [batch_size, seq_len]}` batches; checkpointable with get/set_state."""
+class BatchIterator:
+  """Yields the batches of a grain dataset (SFT: `{feature: int32 [batch_size, seq_len]}`);
+    checkpointable with get/set_state. `empty_batch()` is the all-padding batch used to pad a
+    finite pass up to `num_batches` (default: SFT rows of `meta`'s batch_size and seq_len)."""
 
-  def __init__(self, dataset: grain.IterDataset, meta: dict, num_batches: int | None = None):
+  def __init__(self,
+               dataset: grain.IterDataset,
+               meta: dict,
+               num_batches: int | None = None,
+               empty_batch: Callable[[], dict] | None = None):
     self._it = iter(dataset)
     self._meta = meta
     self._num_batches = num_batches  # Pad to at least this many batches (eval across hosts).
+    self._empty_batch = empty_batch or (lambda: packing.empty_rows(meta["batch_size"], meta["seq_len"]))
     self._emitted = 0
 
   def __iter__(self):
@@ -64,7 +71,7 @@ class SFTIterator:
     except StopIteration:
       if self._num_batches is None or self._emitted >= self._num_batches:
         raise
-      batch = packing.empty_rows(self._meta["batch_size"], self._meta["seq_len"])
+      batch = self._empty_batch()
     self._emitted += 1
     return batch
 
@@ -90,8 +97,9 @@ class SFTIterator:
 
   @property
   def stats(self) -> dict[str, int]:
-    """`{"examples", "truncated", "dropped"}`: examples read so far by this host, how many were
-        longer than seq_len + 1 (truncated) and how many had no loss token left (dropped)."""
+    """The pipeline's counters so far on this host. SFT: `{"examples", "truncated", "dropped"}`:
+        examples read, how many were longer than seq_len + 1 (truncated) and how many had no loss
+        token left (dropped)."""
     return packing.example_counts(self._it)
 
 
@@ -104,16 +112,43 @@ def _tokenize_fn(tokenizer, template, template_kwargs):
   return tokenize
 
 
-def _build(source, *, tokenizer, template, seq_len, batch_size, seed, process_index, process_count, pack,
-           num_epochs, shuffle, packing_bins, read_threads, template_kwargs):
+def host_records(source,
+                 *,
+                 seed: int,
+                 process_index: int,
+                 process_count: int,
+                 num_epochs: int | None,
+                 shuffle: bool,
+                 with_index: bool = False) -> grain.MapDataset:
+  """This host's records (`source[process_index::process_count]`), shuffled with a new permutation
+    each epoch (from `seed`) when `shuffle`, repeated `num_epochs` times (None: forever).
+    `with_index=True` yields `(i, source[i])` pairs, i the record's index in the whole source."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-  if seq_len < 1 or batch_size < 1:
-    raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
+  if with_index:
+    # After `repeat`, grain hands later epochs' indices (k * len + i) down to this map unreduced.
+    num_records = len(source)
+    ds = ds.map_with_index(lambda i, record: (i % num_records, record))
+  ds = ds[process_index::process_count]
   if len(ds) == 0:
     raise ValueError(f"host {process_index} of {process_count} gets no records from a source of "
                      f"{len(source)} records")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)  # A different permutation each epoch (seed + epoch).
+  return ds.repeat(num_epochs)
+
+
+def _build(source, *, tokenizer, template, seq_len, batch_size, seed, process_index, process_count, pack,
+           num_epochs, shuffle, packing_bins, read_threads, template_kwargs):
+  if seq_len < 1 or batch_size < 1:
+    raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+  ds = host_records(source,
+                    seed=seed,
+                    process_index=process_index,
+                    process_count=process_count,
+                    num_epochs=num_epochs,
+                    shuffle=shuffle)
   meta = {
       "num_records": len(source),
       "seq_len": seq_len,
@@ -125,9 +160,6 @@ def _build(source, *, tokenizer, template, seq_len, batch_size, seed, process_in
       "num_epochs": num_epochs,
       "shuffle": shuffle
   }
-  if shuffle:
-    ds = ds.shuffle(seed=seed)  # A different permutation each epoch (seed + epoch).
-  ds = ds.repeat(num_epochs)
   ds = ds.map(_tokenize_fn(tokenizer, template, dict(template_kwargs or {})))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size))
   ds = packing.rows_dataset(ds, seq_len, pack=pack, num_bins=packing_bins or batch_size)
@@ -149,7 +181,7 @@ def make_sft_iterator(source,
                       shuffle: bool = True,
                       packing_bins: int | None = None,
                       read_threads: int = 2,
-                      template_kwargs: Mapping | None = None) -> SFTIterator:
+                      template_kwargs: Mapping | None = None) -> BatchIterator:
   """The training iterator of one host: `batch_size` rows of `seq_len` tokens per batch.
 
     `source` is any random-access sequence of records (a TFDS data source from `sft.prepare_sft`, or
@@ -171,7 +203,7 @@ def make_sft_iterator(source,
                     packing_bins=packing_bins,
                     read_threads=read_threads,
                     template_kwargs=template_kwargs)
-  return SFTIterator(ds, meta)
+  return BatchIterator(ds, meta)
 
 
 def make_eval_iterator(source,
@@ -186,7 +218,7 @@ def make_eval_iterator(source,
                        num_batches: int | None = None,
                        packing_bins: int | None = None,
                        read_threads: int = 2,
-                       template_kwargs: Mapping | None = None) -> SFTIterator:
+                       template_kwargs: Mapping | None = None) -> BatchIterator:
   """One deterministic pass over this host's records, in order, no shuffle; the last batch padded.
 
     Hosts can get different numbers of batches; pass `num_batches` (e.g. the maximum over hosts)
@@ -206,4 +238,4 @@ def make_eval_iterator(source,
                     packing_bins=packing_bins,
                     read_threads=read_threads,
                     template_kwargs=template_kwargs)
-  return SFTIterator(ds, meta, num_batches=num_batches)
+  return BatchIterator(ds, meta, num_batches=num_batches)

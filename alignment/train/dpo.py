@@ -97,7 +97,11 @@ def params_fingerprint(params) -> str:
 
 def reference_logps_cache(path: str, graphdef, ref_params, batches, num_pairs: int, mesh, *, impl: str,
                           pairs_per_row: int) -> np.ndarray:
-  """float32 [num_pairs, 2] (chosen, rejected) reference log-prob sums, computed once and kept at `path`."""
+  """float32 [num_pairs, 2] (chosen, rejected) reference log-prob sums, computed once and kept at `path`.
+
+  Each host computes and caches the pairs of its own shard (the only ones its batches hold), so the
+  cache key includes the host's index; pairs the length rule drops stay 0 (they never reach a batch).
+  """
   if os.path.exists(path):
     cached = np.load(path)
     if cached.shape == (num_pairs, 2):
@@ -109,12 +113,14 @@ def reference_logps_cache(path: str, graphdef, ref_params, batches, num_pairs: i
     real = host_batch["pair_mask"].astype(bool)
     index = host_batch["pair_index"][real]
     table[index, 0], table[index, 1] = out["chosen"][real], out["rejected"][real]
-  if np.isnan(table).any():
-    raise ValueError(f"reference pass covered {int((~np.isnan(table[:, 0])).sum())} of {num_pairs} pairs")
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path + ".tmp.npy", table)
-    os.replace(path + ".tmp.npy", path)  # never leaves a half-written cache behind
+  kept = batches.stats["pairs"] - batches.stats["dropped"]  # pairs the length rule drops never reach a batch
+  covered = int((~np.isnan(table[:, 0])).sum())
+  if covered != kept:
+    raise ValueError(f"reference pass covered {covered} pairs; the data pipeline kept {kept} of {num_pairs}")
+  table = np.nan_to_num(table)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.save(path + ".tmp.npy", table)
+  os.replace(path + ".tmp.npy", path)  # never leaves a half-written cache behind
   return table
 
 
@@ -163,7 +169,9 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
     tables = {}
     for split in data.splits:
       key = json.dumps(dict(model=model_fp, data=data.fingerprint, split=split, seq_len=d.seq_len,
-                            pairs_per_row=d.pairs_per_row, impl=config.kernel.impl), sort_keys=True)
+                            max_length=d.max_length, truncation=d.truncation, pairs_per_row=d.pairs_per_row,
+                            impl=config.kernel.impl, host=(jax.process_index(), jax.process_count())),
+                       sort_keys=True)
       path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy")
       with jax.set_mesh(mesh):
         tables[split] = reference_logps_cache(path, model.spec.graphdef, ref_params, data.reference_pass(split),
