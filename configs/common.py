@@ -40,6 +40,26 @@ def parse_arg(arg, presets, **defaults):
   return ml_collections.ConfigDict(dict(preset=preset, **values))
 
 
+PRESET_MODELS = {"tiny": "tiny-random", "smollm2": "smollm2-135m-instruct"}
+
+
+def apply_preset(c, preset: str, *, lr: float, steps: int, eval_every: int):
+  """What a preset sets beyond the algorithm: the model, the run's length, and for the real model a
+  longer sequence, warmup and mid-run checkpoints."""
+  c.model.name = PRESET_MODELS[preset]
+  c.optim.lr = lr
+  c.train.steps = steps
+  c.train.batch_size = 8
+  c.train.eval_every = eval_every
+  if preset == "tiny":
+    c.optim.warmup_steps = 5
+  else:
+    c.data.seq_len = 512
+    c.optim.warmup_steps = 10
+    c.train.ckpt_every = steps // 2
+  return c
+
+
 def apply_run_args(c, a):
   """The run-size arguments every config accepts after the preset: steps, batch_size, seq_len (0 = keep)."""
   if a.steps:

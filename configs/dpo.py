@@ -24,24 +24,9 @@ def get_config(arg=None):
       reference="live",      # live: frozen copy in the state | cached: log-probs computed once, on disk
       ref_cache_dir="",      # empty: ~/.cache/alignment/ref_logps
   )
-  if a.preset == "tiny":
-    c.model.name = "tiny-random"
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 5
-    c.train.steps = 60
-    c.train.batch_size = 8
-    c.train.eval_every = 30
-    c.train.eval_at_start = True
-  else:
-    c.model.name = "smollm2-135m-instruct"
-    c.data.seq_len = 512
-    c.optim.lr = 5e-7
-    c.optim.warmup_steps = 10
-    c.train.steps = 100
-    c.train.batch_size = 8
-    c.train.eval_every = 50
-    c.train.eval_at_start = True
-    c.train.ckpt_every = 50
+  lr, steps, eval_every = (1e-3, 60, 30) if a.preset == "tiny" else (5e-7, 100, 50)
+  common.apply_preset(c, a.preset, lr=lr, steps=steps, eval_every=eval_every)
+  c.train.eval_at_start = True
   common.apply_run_args(c, a)
   if a.loss_type:
     c.dpo.loss_type = a.loss_type

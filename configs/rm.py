@@ -17,21 +17,7 @@ def get_config(arg=None):
       center_coef=0.0,    # reward centring (Eisenstein et al. 2023): coef * (r_chosen + r_rejected)^2
       use_margin=False,   # subtract the data's per-pair margin inside the sigmoid
   )
-  if a.preset == "tiny":
-    c.model.name = "tiny-random"
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 10
-    c.train.steps = 60
-    c.train.batch_size = 8
-    c.train.eval_every = 30
-  else:
-    c.model.name = "smollm2-135m-instruct"
-    c.data.seq_len = 512
-    c.optim.lr = 1e-5
-    c.optim.warmup_steps = 10
-    c.train.steps = 100
-    c.train.batch_size = 8
-    c.train.eval_every = 50
-    c.train.ckpt_every = 50
+  lr, steps, eval_every = (1e-3, 60, 30) if a.preset == "tiny" else (1e-5, 100, 50)
+  common.apply_preset(c, a.preset, lr=lr, steps=steps, eval_every=eval_every)
   common.apply_run_args(c, a)
   return c

@@ -26,22 +26,10 @@ def get_config(arg=None):
       seed=0,
   )
   if a.preset == "tiny":
-    c.model.name = "tiny-random"
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 5
-    c.train.steps = 100
-    c.train.batch_size = 8
-    c.train.eval_every = 50
+    common.apply_preset(c, a.preset, lr=3e-3, steps=100, eval_every=50)
   else:
-    c.model.name = "smollm2-135m-instruct"
-    c.data.seq_len = 512
-    c.optim.lr = 2e-5
-    c.optim.warmup_steps = 10
+    common.apply_preset(c, a.preset, lr=2e-5, steps=100, eval_every=50)
     c.optim.weight_decay = 0.01
-    c.train.steps = 100
-    c.train.batch_size = 8
-    c.train.eval_every = 50
-    c.train.ckpt_every = 50
   common.apply_run_args(c, a)
   return c
 
