@@ -5,7 +5,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 
-from alignment.train.task import ResumableIterator, data_dir, prepare_once_per_job
+from alignment.train.task import ResumableIterator, data_dir, prepare_once_per_job, tokenizer_and_template
 
 
 class PreferenceData(NamedTuple):
@@ -29,17 +29,15 @@ def source_fingerprint(source) -> str:
 
 
 def preference_data(config, model_tokenizer, host_batch_size: int) -> PreferenceData:
-  from alignment.data import chat, preference, preference_pipeline  # data deps load only when training
+  from alignment.data import preference, preference_pipeline  # data deps load only when training
 
   d = config.data
   sources = prepare_once_per_job(lambda: preference.prepare_preferences(
       d.train_path, d.eval_path or None, data_dir=data_dir(d),
       eval_fraction=0.0 if d.eval_path else d.eval_fraction, format=d.format))
-  tokenizer = chat.load_tokenizer(d.tokenizer) if d.tokenizer else model_tokenizer
-  if tokenizer is None:
-    raise ValueError(f"config.data.tokenizer: model {config.model.name!r} ships no tokenizer; give a tokenizer.json")
-  template = chat.load_template(d.chat_template) if d.chat_template else chat.load_template()
-  common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, batch_size=host_batch_size,
+  tokenizer, template, template_kwargs = tokenizer_and_template(d, model_tokenizer, config.model.name)
+  common = dict(tokenizer=tokenizer, template=template, template_kwargs=template_kwargs,
+                seq_len=d.seq_len, batch_size=host_batch_size,
                 pairs_per_row=d.pairs_per_row, process_index=jax.process_index(),
                 process_count=jax.process_count(), max_length=d.max_length or None, truncation=d.truncation)
   train = preference_pipeline.make_preference_iterator(sources["train"], seed=d.seed, **common)

@@ -22,7 +22,7 @@ from alignment.train import preference as pref_task
 from alignment.train import state as state_lib
 from alignment.train.model import setup_model
 from alignment.train.optim import make_optimizer
-from alignment.train.task import Task
+from alignment.train.task import Task, tokenizer_and_template
 
 
 def pair_rewards(graphdef, params, batch):
@@ -77,16 +77,14 @@ class RewardScorer:
   """
 
   def __init__(self, workdir: str, mesh=None):
-    from alignment.data import chat
     with open(os.path.join(workdir, "config.json")) as f:
       self.config = ml_collections.ConfigDict(json.load(f))
     if self.config.algorithm != "rm":
       raise ValueError(f"{workdir}/config.json: algorithm is {self.config.algorithm!r}, not 'rm'")
     self.mesh = mesh or make_mesh({"data": -1})
     model = setup_model(self.config.model, self.config.seed, reward_head=True)
-    d = self.config.data
-    self.tokenizer = chat.load_tokenizer(d.tokenizer) if d.tokenizer else model.tokenizer
-    self.template = chat.load_template(d.chat_template) if d.chat_template else chat.load_template()
+    self.tokenizer, self.template, self.template_kwargs = tokenizer_and_template(
+        self.config.data, model.tokenizer, self.config.model.name)
     rules = tuple(tuple(r) for r in self.config.sharding.rules)
     params_sharding = state_lib.param_shardings(model.spec, self.mesh, rules)
     tx, _ = make_optimizer(self.config.optim, self.config.train.steps)
@@ -109,7 +107,7 @@ class RewardScorer:
     sequences = []
     for prompt, completion in zip(prompts, completions):
       messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-      ids, _ = tokenize_sequence(messages, completion, self.tokenizer, self.template)
+      ids, _ = tokenize_sequence(messages, completion, self.tokenizer, self.template, **self.template_kwargs)
       sequences.append(ids)
     width = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     batch_size = -(-batch_size // width) * width

@@ -6,7 +6,7 @@ from flax import nnx
 from alignment.kernels import token_logprobs
 from alignment.losses.sft import nll_sum
 from alignment.train.model import setup_model
-from alignment.train.task import Task, data_dir, prepare_once_per_job
+from alignment.train.task import Task, data_dir, prepare_once_per_job, tokenizer_and_template
 
 
 def make_loss_fn(graphdef, impl: str):
@@ -26,22 +26,20 @@ def make_loss_fn(graphdef, impl: str):
 
 
 def build_task(config, mesh, host_batch_size: int) -> Task:
-  from alignment.data import chat, pipeline, sft as sft_data  # data deps load only when training
+  from alignment.data import pipeline, sft as sft_data  # data deps load only when training
 
   d = config.data
   prepare = lambda: sft_data.prepare_sft(d.train_path, d.eval_path or None, data_dir=data_dir(d),
                                          eval_fraction=0.0 if d.eval_path else d.eval_fraction)
   sources = prepare_once_per_job(prepare)
   model = setup_model(config.model, config.seed)
-  tokenizer = chat.load_tokenizer(d.tokenizer) if d.tokenizer else model.tokenizer
-  if tokenizer is None:
-    raise ValueError(f"config.data.tokenizer: model {config.model.name!r} ships no tokenizer; give a tokenizer.json")
+  tokenizer, template, template_kwargs = tokenizer_and_template(d, model.tokenizer, config.model.name)
   if tokenizer.get_vocab_size() > model.cfg.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model {config.model.name!r} "
                      f"has vocab_size {model.cfg.vocab_size}")
-  template = chat.load_template(d.chat_template) if d.chat_template else chat.load_template()
   common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, batch_size=host_batch_size,
-                process_index=jax.process_index(), process_count=jax.process_count(), pack=d.pack)
+                process_index=jax.process_index(), process_count=jax.process_count(), pack=d.pack,
+                template_kwargs=template_kwargs)
   train_data = pipeline.make_sft_iterator(sources["train"], seed=d.seed, **common)
   eval_data = None
   if "eval" in sources:

@@ -43,3 +43,18 @@ def prepare_once_per_job(prepare):
 def data_dir(data_config) -> str:
   """Where TFDS prepares a task's data: `config.data.data_dir`, else a per-user cache (not the workdir)."""
   return data_config.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "alignment", "tfds")
+
+
+def tokenizer_and_template(data_config, model_tokenizer, model_name: str):
+  """(tokenizer, chat template, template kwargs) for a task: `config.data.tokenizer` /
+  `config.data.chat_template` when given, else the model's own (a GGUF or HF model carries both)."""
+  from alignment.data import chat
+  tokenizer = chat.load_tokenizer(data_config.tokenizer) if data_config.tokenizer else model_tokenizer
+  if tokenizer is None:
+    raise ValueError(f"config.data.tokenizer: model {model_name!r} ships no tokenizer; give a tokenizer.json")
+  if data_config.chat_template:
+    template = chat.load_template(data_config.chat_template)
+  else:
+    template = getattr(tokenizer, "chat_template", None) or chat.load_template()
+  bos = getattr(tokenizer, "bos_token", None)
+  return tokenizer, template, ({"bos_token": bos} if bos else {})
