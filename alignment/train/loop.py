@@ -146,16 +146,18 @@ def train(config, workdir: str, build_task) -> dict:
           record.update(evaluate(functools.partial(eval_step, state["params"], state.get("frozen")),
                                  task.eval_data, mesh, config.train.eval_batches))
           summary.update({k: v for k, v in record.items() if k.startswith("eval/")})
-        if record:
-          writer.write(step, record)
-        bar.update(1)
         last = step == config.train.steps
+        meta = None
         if last or stop.requested or (config.train.ckpt_every and step % config.train.ckpt_every == 0):
           meta = {"data": _all_hosts_data_state(task.train_data.get_state()), "step": step}
           if last and task.summarize is not None:
             meta["summary"] = task.summarize(state["params"], state.get("frozen"))
             summary.update(meta["summary"])
-            writer.write(step, meta["summary"])
+            record.update(meta["summary"])
+        if record:
+          writer.write(step, record)
+        bar.update(1)
+        if meta is not None:
           ckpt.save(step, state, meta)
         if stop.requested and not last:
           ckpt.close()
