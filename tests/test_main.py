@@ -47,7 +47,7 @@ def test_tiny_sft_halves_the_loss_and_writes_metrics_tensorboard_and_a_checkpoin
   assert (workdir / "checkpoints" / str(summary["steps"]) / "state").is_dir()
 
 
-RESUME = ("--config.train.steps=60", "--config.train.ckpt_every=5", "--config.train.eval_every=0")
+RESUME = ("--config.train.steps=30", "--config.train.ckpt_every=5", "--config.train.eval_every=0")
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,13 @@ def test_resume_after_sigterm_reproduces_the_losses(tmp_path, uninterrupted):
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 143, err[-3000:]
   stopped_at = max(_losses(workdir))
-  assert stopped_at < 60 and os.listdir(workdir / "checkpoints")  # it stopped early and saved
+  assert stopped_at < 30 and os.listdir(workdir / "checkpoints")  # it stopped early and saved
   assert str(stopped_at) in os.listdir(workdir / "checkpoints")
   rc, _, err = _main(workdir, *RESUME)
   assert rc == 0, err[-3000:]
   resumed = _losses(workdir)
-  assert sorted(resumed) == list(range(1, 61))
-  np.testing.assert_allclose([resumed[s] for s in range(1, 61)], [uninterrupted[s] for s in range(1, 61)],
+  assert sorted(resumed) == list(range(1, 31))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 31)], [uninterrupted[s] for s in range(1, 31)],
                              rtol=0, atol=1e-6)
 
 
@@ -85,7 +85,7 @@ def test_resume_after_sigterm_reproduces_the_losses(tmp_path, uninterrupted):
 def test_resume_after_an_exception_reproduces_the_losses(tmp_path, uninterrupted, monkeypatch):
   from alignment.main import run
   config = sft_config.get_config("tiny")
-  config.train.steps, config.train.ckpt_every, config.train.eval_every = 60, 5, 0
+  config.train.steps, config.train.ckpt_every, config.train.eval_every = 30, 5, 0
   config.kernel.impl = "naive"
   config.data.data_dir = str(tmp_path / "tfds")
   workdir = str(tmp_path / "run")
@@ -104,7 +104,7 @@ def test_resume_after_an_exception_reproduces_the_losses(tmp_path, uninterrupted
   monkeypatch.setattr(metrics.MetricsWriter, "write", original)
   run(config, workdir)
   resumed = _losses(workdir)
-  np.testing.assert_allclose([resumed[s] for s in range(1, 61)], [uninterrupted[s] for s in range(1, 61)],
+  np.testing.assert_allclose([resumed[s] for s in range(1, 31)], [uninterrupted[s] for s in range(1, 31)],
                              rtol=0, atol=1e-6)
 
 

@@ -185,25 +185,81 @@ def forward_cached(cfg: ModelConfig, params: dict, tokens, positions, start, key
   return h, {"k": ck, "v": cv}
 
 
+def _decode_weights(cfg: ModelConfig, params: dict) -> list:
+  """Per-layer decode weights, split off the stacked params once, before the loop (a slice inside the
+  loop would copy them every step). q, k and v become one [D, (H + 2 KV) * Dh] matrix and gate and up
+  one [D, 2F]: at a few rows per step each matmul is short, so fewer, wider ones cost less."""
+  D = cfg.d_model
+  out = []
+  for i in range(cfg.n_layers):
+    w = jax.tree.map(lambda a: a[i], params["layers"])
+    attn, mlp = w.pop("attn"), w.pop("mlp")
+    w["qkv"] = jnp.concatenate([attn[n].reshape(D, -1) for n in ("q", "k", "v")], axis=-1)
+    if cfg.qkv_bias:
+      w["qkv_bias"] = jnp.concatenate([attn[n].reshape(-1) for n in ("q_bias", "k_bias", "v_bias")])
+    if cfg.qk_norm:
+      w["q_norm"], w["k_norm"] = attn["q_norm"], attn["k_norm"]
+    w["o"] = attn["o"].reshape(-1, D)
+    w["gate_up"] = jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1)
+    w["down"] = mlp["down"]
+    out.append(w)
+  return out
+
+
+def _decode_layer(cfg: ModelConfig, x, w, k_cache, v_cache, slot, rope, mask):
+  """`transformer._layer` for one token per row, x [B, D], at cache `slot`. The caches are laid out
+  for the attention matmuls to read them as they lie, with no per-step transpose of the whole cache:
+  k_cache [B, KV, Dh, S], v_cache [B, KV, S, Dh]. mask [B, S]."""
+  dtype = x.dtype
+  B = x.shape[0]
+  H, KV, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  qkv = tfm._rms_norm(x, w["attn_norm"], cfg.rms_eps) @ w["qkv"].astype(dtype)
+  if cfg.qkv_bias:
+    qkv = qkv + w["qkv_bias"].astype(dtype)
+  q, k, v = jnp.split(qkv, [H * Dh, (H + KV) * Dh], axis=-1)
+  q, k = q.reshape(B, 1, H, Dh), k.reshape(B, 1, KV, Dh)
+  if cfg.qk_norm:
+    q, k = tfm._rms_norm(q, w["q_norm"], cfg.rms_eps), tfm._rms_norm(k, w["k_norm"], cfg.rms_eps)
+  q, k = tfm._rope(q, *rope), tfm._rope(k, *rope)
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.reshape(B, KV, Dh, 1).astype(k_cache.dtype),
+                                         (0, 0, 0, slot))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.reshape(B, KV, 1, Dh).astype(v_cache.dtype),
+                                         (0, 0, slot, 0))
+  q = q.reshape(B, KV, H // KV, Dh)
+  scores = jnp.einsum("bkgd,bkds->bkgs", q, k_cache.astype(dtype), preferred_element_type=_F32)
+  scores = jnp.where(mask[:, None, None], scores * cfg.attn_scale, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  h = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache.astype(dtype)).reshape(B, H * Dh) @ w["o"].astype(dtype)
+  if cfg.post_norms:
+    h = tfm._rms_norm(h, w["post_attn_norm"], cfg.rms_eps)
+  x = x + h
+  gate, up = jnp.split(tfm._rms_norm(x, w["mlp_norm"], cfg.rms_eps) @ w["gate_up"].astype(dtype), 2, axis=-1)
+  act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+  h = (act(gate) * up) @ w["down"].astype(dtype)
+  if cfg.post_norms:
+    h = tfm._rms_norm(h, w["post_mlp_norm"], cfg.rms_eps)
+  return x + h, k_cache, v_cache
+
+
 def decode_step(cfg: ModelConfig, params: dict, layers: list, token, position, slot, key_valid, caches):
   """One token per row through the model. token, position [B]; slot: the cache slot it goes to;
-  layers: per-layer param dicts; caches: per-layer (k, v) [B, S, KV, Dh]. Unrolled over layers:
-  a decode step is memory-bound, and slicing stacked weights inside the loop would copy them."""
+  layers: `_decode_weights`; caches: per-layer (k [B, KV, Dh, S], v [B, KV, S, Dh]). Unrolled over
+  layers: a decode step is memory-bound, and slicing stacked weights inside the loop would copy them."""
   dtype = jnp.dtype(cfg.dtype)
-  x = jnp.take(params["embed"], token[:, None], axis=0).astype(dtype)
+  x = jnp.take(params["embed"], token, axis=0).astype(dtype)
   if cfg.embed_scale:
     x = x * jnp.asarray(cfg.embed_multiplier, dtype)
-  S = key_valid.shape[1]
-  mask = key_valid[:, None, :] & (jnp.arange(S) <= slot)[None, None, :]
-  ctx = {"rope": tfm._rope_tables(position[:, None], cfg.head_dim, cfg.rope_theta), "mask": mask}
+  idx = jnp.arange(key_valid.shape[1])
+  mask = key_valid & (idx <= slot)[None]
+  ctx = {False: (tfm._rope_tables(position[:, None], cfg.head_dim, cfg.rope_theta), mask)}
   if True in cfg.layer_is_local:
-    ctx["local_rope"] = tfm._rope_tables(position[:, None], cfg.head_dim, cfg.local_theta)
-    ctx["local_mask"] = mask & ((slot - jnp.arange(S)) < cfg.sliding_window)[None, None, :]
+    ctx[True] = (tfm._rope_tables(position[:, None], cfg.head_dim, cfg.local_theta),
+                 mask & ((slot - idx) < cfg.sliding_window)[None])
   new = []
   for w, (k, v), is_local in zip(layers, caches, cfg.layer_is_local):
-    x, k, v = _cached_layer(cfg, x, w, k, v, slot, ctx, is_local)
+    x, k, v = _decode_layer(cfg, x, w, k, v, slot, *ctx[is_local])
     new.append((k, v))
-  return tfm._rms_norm(x[:, -1], params["final_norm"], cfg.rms_eps), new
+  return tfm._rms_norm(x, params["final_norm"], cfg.rms_eps), new
 
 
 def _unembed(cfg: ModelConfig, params) -> jax.Array:
@@ -255,8 +311,9 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths
   done = jnp.isin(token, eos)
 
   # Decode unrolled over layers, on per-layer weights and caches split once here.
-  layers = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.n_layers)]
-  caches = [(cache["k"][i], cache["v"][i]) for i in range(cfg.n_layers)]
+  layers = _decode_weights(cfg, params)
+  caches = [(cache["k"][i].transpose(0, 2, 3, 1), cache["v"][i].transpose(0, 2, 1, 3))
+            for i in range(cfg.n_layers)]
 
   def cond(state):
     t, _, _, _, done, _, _ = state
