@@ -13,9 +13,11 @@ Needs the benchmark extra: pip install -e '.[bench]'.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -166,7 +168,8 @@ def trl(pairs, args, model, tokenizer, tokens: int):
         trainer = DPOTrainer(model=policy, ref_model=ref_model, args=config,
                              train_dataset=dataset.repeat(args.steps + 2) if hasattr(dataset, "repeat") else dataset,
                              processing_class=hf_tokenizer, callbacks=[Timer()])
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs; stdout carries only the JSON
+          trainer.train()
       seconds = statistics.median(times[1:])  # the first step warms up
       out[reference] = {"step_s": seconds, "times_s": times, "tokens_per_s": tokens / seconds}
   return out
