@@ -1,4 +1,4 @@
-"""Preference pairs -> the preference batch (.notes/CONTRACT.md), on per-host grain iterators.
+"""Preference pairs -> packed preference batches (format below), on per-host grain iterators.
 
     sources = preference.prepare_preferences(train_path, data_dir=cache_dir, eval_fraction=0.1)
     it = make_preference_iterator(sources["train"], tokenizer=tok, template=tpl, seq_len=512,
