@@ -3,6 +3,7 @@
 import os
 from typing import Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -33,3 +34,30 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.close()
       self.manager = None
+
+
+def restore_entry(directory: str, key: str = "params", *, step: Optional[int] = None, sharding=None):
+  """One top-level entry of a saved train state (e.g. its params), read alone: the optimizer state and
+  any reference copy stay on disk. Shapes and dtypes come from the checkpoint's own metadata;
+  `sharding` (one Sharding for every leaf, or a tree of them) defaults to the first local device.
+
+  Returns (entry, step). Raises FileNotFoundError when `directory` holds no checkpoint and KeyError
+  when the state has no `key`.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step() if step is None else step
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  tree = dict(ocp.StandardCheckpointer().metadata(path).item_metadata)
+  if key not in tree:
+    raise KeyError(f"{path}: the saved state has no {key!r} (it has {sorted(tree)})")
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding,
+                                                                                              tree[key])
+  abstract = {key: jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree[key], shardings)}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=restore_args, partial_restore=True))
+  return restored[key], step

@@ -10,7 +10,6 @@ base model). Several --prompt flags run as one batch. --temperature=0 decodes gr
 import sys
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
 
@@ -30,29 +29,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and comput
 F = flags.FLAGS
 
 
-def encode_prompts(tokenizer, prompts, *, system=None, raw=False):
-  """Prompt strings -> token id lists (chat-templated with a generation prompt unless raw)."""
-  template = getattr(tokenizer, "chat_template", None)
-  out = []
-  for prompt in prompts:
-    if raw or template is None:
-      out.append(tokenizer.encode(prompt).ids)
-    else:
-      messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-      out.append(tokenizer.encode(text, add_special_tokens=False).ids)
-  return out
-
-
-def generate(model, tokenizer, prompts, sampling: sampler.SamplingConfig, *, seed=0, system=None, raw=False):
-  """-> list of completion strings (special tokens dropped) and the Samples."""
-  ids = encode_prompts(tokenizer, prompts, system=system, raw=raw)
-  tokens, lengths = sampler.pad_prompts(ids, pad_id=sampling.pad_id)
-  out = sampler.sample(model, tokens, lengths, sampling, jax.random.key(seed))
-  toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
-  return [tokenizer.decode(t[m == 1]) for t, m in zip(toks, mask)], out
-
-
 def main(argv):
   del argv
   start = time.time()
@@ -66,7 +42,8 @@ def main(argv):
       top_k=F.top_k, top_p=F.top_p, eos_ids=() if eos is None else (eos,),
       pad_id=pad if pad is not None else (eos or 0))
   loaded = time.time()
-  texts, out = generate(model, tokenizer, F.prompt, sampling, seed=F.seed, system=F.system, raw=F.raw)
+  texts, out = sampler.generate_text(model, tokenizer, F.prompt, sampling, seed=F.seed, system=F.system,
+                                     raw=F.raw)
   n = int(np.asarray(out.lengths).sum())
   for prompt, text in zip(F.prompt, texts):
     print(f">>> {prompt}\n{text}\n", flush=True)

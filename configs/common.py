@@ -86,6 +86,7 @@ def base_config():
   c.model.param_dtype = "float32"
   c.model.remat = "none"         # none | full | dots
   c.model.scan_layers = True
+  c.model.frozen_layers = 0      # the first n layers get no gradient (only the layers above are trained)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -109,6 +110,16 @@ def base_config():
   c.train.eval_batches = 0       # 0: the whole eval split
   c.train.ckpt_every = 0         # 0: only at the end (and on SIGTERM)
   c.train.max_to_keep = 2
+
+  # Gym evals during training (generating policies: sft, dpo): greedy answers to the suite's probes,
+  # graded; reports in WORKDIR/evals, rates and reward-hacking monitors in metrics.jsonl.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.every = 0              # 0: off; else every n steps, at the last step, and at step 0 with eval_at_start
+  c.evals.suite = "gym:test"     # gym:test | gym:train | '' (only evals.probes)
+  c.evals.probes = ""            # a JSONL file of probes (alignment.evals.gym.read_probes_jsonl)
+  c.evals.limit = 0              # only the first n probes (0: all)
+  c.evals.max_new_tokens = 64
+  c.evals.batch_size = 16
   return c
 
 

@@ -45,6 +45,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; softmax, norms and RoPE always run in float32
   remat: str = "none"  # 'none' | 'full' (recompute each layer) | 'dots' (save weight matmuls)
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compile) or a Python loop
+  frozen_layers: int = 0  # training: the first n layers get no gradient (transformer.apply_layers)
   init_std: float = 0.02  # std of the random embedding init (projections use fan_in ** -0.5)
 
   def __post_init__(self):
@@ -56,6 +57,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim}; RoPE needs an even head_dim")
+    if not 0 <= self.frozen_layers <= self.n_layers:
+      raise ValueError(f"ModelConfig.frozen_layers={self.frozen_layers}; expected 0..n_layers={self.n_layers}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"ModelConfig.activation={self.activation!r}; expected one of {ACTIVATIONS}")
     for name in ("param_dtype", "dtype"):

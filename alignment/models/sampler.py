@@ -358,3 +358,27 @@ def sample(model, tokens, lengths, sampling: SamplingConfig, rng=None, *, mesh=N
   rng = jax.random.key(0) if rng is None else rng
   return make_sampler(model.cfg, sampling, mesh)(params, jnp.asarray(tokens, jnp.int32),
                                                  jnp.asarray(lengths, jnp.int32), rng)
+
+
+def encode_chat(tokenizer, prompts: Sequence[str], *, system: str | None = None, raw: bool = False) -> list[list[int]]:
+  """Prompt strings -> token id lists: one user turn (after an optional system turn) in the tokenizer's
+  chat template with the generation prompt, or the raw text when `raw` or the tokenizer has no template."""
+  template = getattr(tokenizer, "chat_template", None)
+  out = []
+  for prompt in prompts:
+    if raw or template is None:
+      out.append(tokenizer.encode(prompt).ids)
+    else:
+      messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+      out.append(tokenizer.encode(text, add_special_tokens=False).ids)
+  return out
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], sampling: SamplingConfig, *, seed: int = 0,
+                  system: str | None = None, raw: bool = False) -> tuple[list[str], Samples]:
+  """Completions of `prompts` as strings (special tokens dropped), and the Samples they decode."""
+  tokens, lengths = pad_prompts(encode_chat(tokenizer, prompts, system=system, raw=raw), pad_id=sampling.pad_id)
+  out = sample(model, tokens, lengths, sampling, jax.random.key(seed))
+  toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  return [tokenizer.decode(t[m == 1]) for t, m in zip(toks, mask)], out

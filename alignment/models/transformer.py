@@ -236,8 +236,22 @@ def _remat(cfg: ModelConfig, fn):
 
 
 def apply_layers(cfg: ModelConfig, x, weights, ctx):
-  """Runs the stacked layers. x [B, T, D]; weights: nested dict of [L, ...] arrays (the `layers` subtree)."""
-  flags = cfg.layer_is_local
+  """Runs the stacked layers. x [B, T, D]; weights: nested dict of [L, ...] arrays (the `layers` subtree).
+
+  With `cfg.frozen_layers` = n, the first n layers run under stop_gradient: their weights get zero
+  gradients and the backward pass ends at layer n, so fine-tuning the layers above costs a forward
+  pass plus the backward of those layers only.
+  """
+  n = cfg.frozen_layers
+  if not n:
+    return _apply_layers(cfg, x, weights, ctx, cfg.layer_is_local)
+  lower = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:n]), weights)
+  upper = jax.tree.map(lambda a: a[n:], weights)
+  x = jax.lax.stop_gradient(_apply_layers(cfg, x, lower, ctx, cfg.layer_is_local[:n]))
+  return _apply_layers(cfg, x, upper, ctx, cfg.layer_is_local[n:])
+
+
+def _apply_layers(cfg: ModelConfig, x, weights, ctx, flags):
   if not cfg.scan_layers:
     for i, is_local in enumerate(flags):
       layer = _remat(cfg, functools.partial(_layer, cfg, is_local=is_local))

@@ -160,7 +160,8 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
   needs_reference = not LOSS_TYPES[c.loss_type].reference_free
   task = Task(model.spec, model.load_params, loss_fn, data.train, data.eval, dict(data.info),
               load_frozen=model.load_params if needs_reference and c.reference == "live" else None,
-              count_name="num_pairs")
+              count_name="num_pairs", model_cfg=model.cfg, tokenizer=model.tokenizer,
+              reward_metric="rewards/margins")
   if needs_reference and c.reference == "cached":
     rules = tuple(tuple(r) for r in config.sharding.rules)
     ref_params = model.load_params(state_lib.param_shardings(model.spec, mesh, rules))

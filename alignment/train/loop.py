@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 from alignment import checkpoint, metrics
 from alignment.parallel import batch_sharding, host_batch_to_global, make_mesh, replicated
+from alignment.train import gym_eval
 from alignment.train import state as state_lib
+from alignment.train.gym_eval import GymEvaluator
 from alignment.train.optim import make_optimizer
 from alignment.train.step import make_eval_step, make_train_step
 from alignment.train.task import Task
@@ -80,6 +82,7 @@ def train(config, workdir: str, build_task) -> dict:
                      f"({mesh.shape['data'] * mesh.shape['fsdp']}) x config.optim.grad_accum_steps "
                      f"({config.optim.grad_accum_steps})")
   task: Task = build_task(config, mesh, host_batch_size)
+  gym = GymEvaluator(config, task, workdir) if config.get("evals") and config.evals.every else None
 
   tx, schedule = make_optimizer(config.optim, config.train.steps)
   params_sharding = state_lib.param_shardings(task.spec, mesh, rules)
@@ -122,11 +125,15 @@ def train(config, workdir: str, build_task) -> dict:
       bar = tqdm(total=config.train.steps, initial=start, disable=not (show and sys.stderr.isatty()),
                  dynamic_ncols=True, mininterval=1.0, desc="train")
       every = max(1, config.train.steps // 10)  # without a terminal: a plain line every tenth of the run
-      if start == 0 and task.eval_data is not None and config.train.eval_at_start:
-        at_start = evaluate(functools.partial(eval_step, state["params"], state.get("frozen")), task.eval_data,
-                            mesh, config.train.eval_batches)
+      if start == 0 and config.train.eval_at_start and (task.eval_data is not None or gym is not None):
+        at_start = {}
+        if task.eval_data is not None:
+          at_start = evaluate(functools.partial(eval_step, state["params"], state.get("frozen")), task.eval_data,
+                              mesh, config.train.eval_batches)
+          summary.update({k.replace("eval/", "eval_at_start/"): v for k, v in at_start.items()})
+        if gym is not None:
+          at_start.update(gym.run(0, state["params"], state.get("frozen")))
         writer.write(0, at_start)
-        summary.update({k.replace("eval/", "eval_at_start/"): v for k, v in at_start.items()})
       for step in range(start + 1, config.train.steps + 1):
         if step > start + 1:
           host_batch = next(task.train_data)
@@ -146,6 +153,11 @@ def train(config, workdir: str, build_task) -> dict:
           record.update(evaluate(functools.partial(eval_step, state["params"], state.get("frozen")),
                                  task.eval_data, mesh, config.train.eval_batches))
           summary.update({k: v for k, v in record.items() if k.startswith("eval/")})
+        if gym is not None:
+          gym.observe(record)
+          if step % config.evals.every == 0 or step == config.train.steps:
+            record.update(gym.run(step, state["params"], state.get("frozen")))
+            summary.update({k: v for k, v in record.items() if k.startswith(("gym/", "monitor/"))})
         last = step == config.train.steps
         meta = None
         if last or stop.requested or (config.train.ckpt_every and step % config.train.ckpt_every == 0):
@@ -170,4 +182,6 @@ def train(config, workdir: str, build_task) -> dict:
     writer.close()
     ckpt.close()
   summary["steps"] = config.train.steps
+  if gym is not None:
+    summary["gym_reports"] = gym_eval.reports(workdir)
   return summary

@@ -1,13 +1,17 @@
 """The policy model named in `config.model`: its spec, its (sharded) initial params, its tokenizer."""
 
 import dataclasses
+import json
+import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
 from flax import nnx
 
-from alignment import models
+import ml_collections
+
+from alignment import checkpoint, models
 from alignment.train import state as state_lib
 
 
@@ -25,7 +29,8 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelS
   is a `models.RewardModel` (params {'backbone', 'head'}); a loaded backbone gets a fresh head.
   """
   runtime = dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype,
-                 remat=model_config.remat, scan_layers=model_config.scan_layers)
+                 remat=model_config.remat, scan_layers=model_config.scan_layers,
+                 frozen_layers=model_config.get("frozen_layers", 0))
   tokenizer = None
   if model_config.name in models.PRESETS:
     cfg = models.get_model_config(model_config.name, **runtime)
@@ -50,3 +55,31 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelS
 def _module(cfg, reward_head: bool):
   cls = models.RewardModel if reward_head else models.Transformer
   return lambda rngs: cls(cfg, rngs=rngs)
+
+
+class Policy(NamedTuple):
+  cfg: models.ModelConfig
+  params: dict           # the Transformer's plain param dict
+  tokenizer: Optional[Any]
+  description: str       # what was loaded, for reports: a name, a path, or 'WORKDIR (step N)'
+
+
+def is_workdir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_policy(name_or_path: str, *, dtype: str = "float32", step: Optional[int] = None) -> Policy:
+  """A generating model from what `models.load` takes (a name, a .gguf file, an HF directory) or from a
+  training run's workdir (its config.json names the model; the params come from its latest checkpoint,
+  or `step`, without reading the optimizer state)."""
+  if not is_workdir(name_or_path):
+    model, tokenizer = models.load(name_or_path, dtype=dtype)
+    return Policy(model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tokenizer, name_or_path)
+  with open(os.path.join(name_or_path, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get("algorithm") == "rm":
+    raise ValueError(f"{name_or_path}: a reward-model run (algorithm 'rm') scores text and does not generate; "
+                     f"give an sft or dpo workdir or a model")
+  setup = setup_model(config.model, config.seed)
+  params, step = checkpoint.restore_entry(os.path.join(name_or_path, "checkpoints"), "params", step=step)
+  return Policy(setup.cfg, params, setup.tokenizer, f"{name_or_path} (step {step})")

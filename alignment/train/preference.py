@@ -1,6 +1,7 @@
 """Preference data for the reward-model and DPO tasks: prepared splits, per-host iterators, stats."""
 
 import hashlib
+import os
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -28,12 +29,32 @@ def source_fingerprint(source) -> str:
   return h.hexdigest()[:20]
 
 
+GYM_PATH = "gym:train"  # `config.data.train_path` naming the alignment gym's preference pairs
+
+
+def resolve_train_path(data_config) -> str:
+  """`config.data.train_path`, where 'gym:train' becomes the gym's pairs (`gym.preference_pairs`), written
+  once as generic JSONL under the data dir (keyed by the gym version and seed)."""
+  path = data_config.train_path
+  if not path.startswith("gym:"):
+    return path
+  if path != GYM_PATH:
+    raise ValueError(f"config.data.train_path={path!r}: the gym's preference pairs are {GYM_PATH!r} (the test "
+                     f"templates have none)")
+  from alignment.evals import gym
+  out = os.path.join(data_dir(data_config), "gym", f"{gym.GYM_VERSION}_train_seed{data_config.seed}.jsonl")
+  if not os.path.exists(out):
+    gym.write_preference_jsonl(out + f".tmp{os.getpid()}", seed=data_config.seed)
+    os.replace(out + f".tmp{os.getpid()}", out)
+  return out
+
+
 def preference_data(config, model_tokenizer, host_batch_size: int) -> PreferenceData:
   from alignment.data import preference, preference_pipeline  # data deps load only when training
 
   d = config.data
   sources = prepare_once_per_job(lambda: preference.prepare_preferences(
-      d.train_path, d.eval_path or None, data_dir=data_dir(d),
+      resolve_train_path(d), d.eval_path or None, data_dir=data_dir(d),
       eval_fraction=0.0 if d.eval_path else d.eval_fraction, format=d.format))
   tokenizer, template, template_kwargs = tokenizer_and_template(d, model_tokenizer, config.model.name)
   common = dict(tokenizer=tokenizer, template=template, template_kwargs=template_kwargs,

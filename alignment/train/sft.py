@@ -46,4 +46,4 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
     eval_data = lambda: pipeline.make_eval_iterator(sources["eval"], **common)
   info = {"train_examples": len(sources["train"]), "eval_examples": len(sources.get("eval", []))}
   return Task(model.spec, model.load_params, make_loss_fn(model.spec.graphdef, config.kernel.impl),
-              train_data, eval_data, info)
+              train_data, eval_data, info, model_cfg=model.cfg, tokenizer=tokenizer)

@@ -27,6 +27,9 @@ class Task:
   load_frozen: Optional[Callable[[Any], Any]] = None      # shardings -> reference params, if any
   count_name: str = "num_tokens"                          # what the loss is normalised by, in metrics
   summarize: Optional[Callable[[Any, Any], dict]] = None  # (params, frozen) -> figures saved at the end
+  model_cfg: Any = None        # the ModelConfig of a generating policy (gym evals during training), if any
+  tokenizer: Any = None        # its tokenizer
+  reward_metric: Optional[str] = None  # the step metric the reward-hacking monitors read as the reward
 
 
 def prepare_once_per_job(prepare):

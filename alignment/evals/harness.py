@@ -1,0 +1,250 @@
+"""The eval harness: generate responses to probes with the KV-cache sampler, grade them, summarise.
+
+    probes = gym.load_probes("test")                       # or gym.read_probes_jsonl("mine.jsonl")
+    report = evaluate_probes(cfg, params, tokenizer, probes, EvalSettings(max_new_tokens=64))
+    print(format_table(report))
+
+`params` is a Transformer's plain param dict (what the trainer holds, or
+`nnx.to_pure_dict(nnx.state(model, nnx.Param))` of a loaded model), so the same function serves
+`python -m alignment.evaluate` and the evals every k steps of a training run. Decoding is greedy:
+the figures are a function of the weights alone, and two checkpoints are compared on the same footing.
+
+The report (a JSON-serialisable dict):
+  {"summary": graders.summarize(...)          per kind: n, passed, rate, 95% Wilson interval; the
+                                              helpful / honest / harmless scores,
+   "num_probes": int,
+   "mean_response_tokens": float,             generated tokens per probe, EOS included,
+   "truncated_fraction": float,               probes that hit max_new_tokens before EOS,
+   "kl_to_reference": {"mean": float, "kinds": {kind: float}}   with a reference only: per response, the
+                                              sum over its tokens of KL(policy || reference) over the
+                                              whole vocabulary (teacher-forced on the policy's own
+                                              response), in nats; the mean over probes and per kind,
+   "results": [{**probe, "response", "passed", "response_tokens"[, "kl"]}]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignment.evals import graders, gym
+from alignment.kernels import token_logprobs
+from alignment.models import sampler
+from alignment.models.config import ModelConfig
+
+
+SUITES = ("gym:test", "gym:train")
+
+
+def load_probes(suite: str, probes_file: str = "") -> list[dict]:
+  """Probes of `suite` ('gym:test', 'gym:train' or '' for none) followed by those of a JSONL file
+  (`gym.read_probes_jsonl`: a malformed row raises ValueError naming file:line)."""
+  if suite and suite not in SUITES:
+    raise ValueError(f"suite {suite!r}: expected one of {', '.join(SUITES)} (or '' with a probes file)")
+  probes = gym.load_probes(suite.split(":", 1)[1]) if suite else []
+  if probes_file:
+    probes += gym.read_probes_jsonl(probes_file)
+  if not probes:
+    raise ValueError("no probes: give a suite and/or a probes file")
+  return probes
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """How responses are generated. Prompts are sorted by length and run `batch_size` at a time (the last
+  batch is filled up with repeats), left-padded to a multiple of `pad_multiple` tokens, so a suite
+  compiles the sampler once per padded width and the compilations serve every later eval."""
+  max_new_tokens: int = 64
+  batch_size: int = 16
+  pad_multiple: int = 64
+  system: str | None = None  # an optional system turn before each probe
+  seed: int = 0
+
+
+def _pad_id(tokenizer) -> int:
+  pad = getattr(tokenizer, "pad_id", None)
+  eos = getattr(tokenizer, "eos_id", None)
+  return pad if pad is not None else (eos if eos is not None else 0)
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+  """Indices sorted by length, in chunks of `batch_size`: rows of a batch need similar padding."""
+  order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_responses(cfg: ModelConfig, params, tokenizer, prompt_ids: Sequence[Sequence[int]],
+                       settings: EvalSettings, *, mesh=None) -> list[list[int]]:
+  """Greedy responses to tokenised prompts, as token id lists (EOS included when reached), in input order."""
+  eos = getattr(tokenizer, "eos_id", None)
+  sampling = sampler.SamplingConfig(max_new_tokens=settings.max_new_tokens, greedy=True,
+                                    eos_ids=() if eos is None else (eos,), pad_id=_pad_id(tokenizer))
+  fn = sampler.make_sampler(cfg, sampling, mesh)
+  rng = jax.random.key(settings.seed)
+  out: list[list[int] | None] = [None] * len(prompt_ids)
+  for index in _length_batches([len(p) for p in prompt_ids], settings.batch_size):
+    rows = [prompt_ids[i] for i in index]
+    rows += [rows[0]] * (settings.batch_size - len(rows))
+    tokens, lengths = sampler.pad_prompts(rows, pad_id=sampling.pad_id, multiple=settings.pad_multiple)
+    samples = jax.device_get(fn(params, jnp.asarray(tokens), jnp.asarray(lengths), rng))
+    for row, i in enumerate(index):
+      out[i] = samples.tokens[row][samples.mask[row] == 1].tolist()
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _kl_fn(cfg: ModelConfig, impl: str):
+  # The graph only (params come sharded, or not, from the caller), built outside any ambient mesh, whose
+  # axes are not the params' logical names.
+  with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _transformer(cfg)))
+
+  def kl(params, ref_params, tokens, mask):
+    def forward(p):
+      model = nnx.merge(graphdef, p)
+      hidden = model(tokens)
+      return hidden.reshape(-1, hidden.shape[-1]), model.unembed_matrix()
+    hidden, unembed = forward(params)
+    ref_hidden, ref_unembed = forward(ref_params)
+    stats = token_logprobs(hidden, unembed, jnp.roll(tokens, -1, axis=1).reshape(-1), ref_hidden=ref_hidden,
+                           ref_unembed=ref_unembed, impl=impl)
+    return (stats.kl.reshape(tokens.shape) * mask).sum(axis=1)
+
+  return jax.jit(kl)
+
+
+def _transformer(cfg):
+  from alignment.models import Transformer
+  return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def response_kl(cfg: ModelConfig, params, ref_params, prompt_ids: Sequence[Sequence[int]],
+                response_ids: Sequence[Sequence[int]], settings: EvalSettings, *, impl: str = "auto") -> list[float]:
+  """Per response: sum over its tokens of KL(policy || reference) over the full vocabulary, in nats.
+
+  Each prompt + response is teacher-forced through both models (right-padded; a causal model's
+  outputs before the padding do not see it); the KL at position t is that of the next-token
+  distributions that produced response token t+1.
+  """
+  fn = _kl_fn(cfg, impl)
+  out = [0.0] * len(prompt_ids)
+  full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+  for index in _length_batches([len(s) for s in full], settings.batch_size):
+    width = -(-max(len(full[i]) for i in index) // settings.pad_multiple) * settings.pad_multiple
+    tokens = np.zeros((settings.batch_size, width), np.int32)
+    mask = np.zeros((settings.batch_size, width), np.float32)
+    for row, i in enumerate(index):
+      tokens[row, :len(full[i])] = full[i]
+      # Position t predicts token t+1: the response's tokens are predicted from len(prompt)-1 on.
+      mask[row, len(prompt_ids[i]) - 1:len(full[i]) - 1] = 1.0
+    sums = np.asarray(fn(params, ref_params, jnp.asarray(tokens), jnp.asarray(mask)))
+    for row, i in enumerate(index):
+      out[i] = float(sums[row])
+  return out
+
+
+def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mapping], settings: EvalSettings, *,
+                    ref_params=None, mesh=None, impl: str = "auto") -> dict:
+  """Generates a response to every probe, grades it and summarises (the report in the module doc)."""
+  if not probes:
+    raise ValueError("evaluate_probes: no probes")
+  prompt_ids = sampler.encode_chat(tokenizer, [gym.probe_text(p) for p in probes], system=settings.system)
+  responses = generate_responses(cfg, params, tokenizer, prompt_ids, settings, mesh=mesh)
+  texts = [tokenizer.decode(r) for r in responses]
+  results = graders.grade_all(probes, texts)
+  eos = getattr(tokenizer, "eos_id", None)
+  for r, ids in zip(results, responses):
+    r["response_tokens"] = len(ids)
+  report = {
+      "summary": graders.summarize(results),
+      "num_probes": len(probes),
+      "mean_response_tokens": float(np.mean([len(r) for r in responses])),
+      "truncated_fraction": float(np.mean([len(r) == settings.max_new_tokens and (not r or r[-1] != eos)
+                                           for r in responses])),
+  }
+  if ref_params is not None:
+    kls = response_kl(cfg, params, ref_params, prompt_ids, responses, settings, impl=impl)
+    for r, kl in zip(results, kls):
+      r["kl"] = kl
+    kinds = {}
+    for r in results:
+      kinds.setdefault(r["kind"], []).append(r["kl"])
+    report["kl_to_reference"] = {"mean": float(np.mean(kls)),
+                                 "kinds": {k: float(np.mean(kinds[k])) for k in graders.KINDS if k in kinds}}
+  report["results"] = results
+  return report
+
+
+def flat_metrics(report: Mapping, prefix: str = "gym/") -> dict:
+  """The scalars of a report for metrics.jsonl: per-kind pass rates, the three scores, length, KL."""
+  summary = report["summary"]
+  out = {f"{prefix}{kind}": s["rate"] for kind, s in summary["kinds"].items() if s["rate"] is not None}
+  out.update({f"{prefix}{name}": s["score"] for name, s in summary["scores"].items() if s["score"] is not None})
+  out[f"{prefix}mean_response_tokens"] = report["mean_response_tokens"]
+  out[f"{prefix}truncated_fraction"] = report["truncated_fraction"]
+  if "kl_to_reference" in report:
+    out[f"{prefix}kl_to_reference"] = report["kl_to_reference"]["mean"]
+  return out
+
+
+def _pct(x) -> str:
+  return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+
+def _rows(report: Mapping) -> list[tuple[str, str, object, list | None]]:
+  """(label, n, value, ci95) rows of a report, in a fixed order."""
+  s = report["summary"]
+  rows = []
+  for kind in graders.KINDS:
+    if kind in s["kinds"]:
+      k = s["kinds"][kind]
+      rows.append((kind, str(k["n"]), k["rate"], k["ci95"]))
+  plain = s["sycophancy_plain"]
+  if plain["n"]:
+    rows.append(("(sycophancy asked plainly)", str(plain["n"]), plain["rate"], plain["ci95"]))
+  for name, score in s["scores"].items():
+    rows.append((name.upper(), "", score["score"], score["ci95"] if score["score"] is not None else None))
+  rows.append(("mean response tokens", "", report["mean_response_tokens"], None))
+  if "kl_to_reference" in report:
+    rows.append(("KL to reference (nats/response)", "", report["kl_to_reference"]["mean"], None))
+  return rows
+
+
+def _value(label: str, value) -> str:
+  if label.startswith(("mean response", "KL to")):
+    return f"{value:6.2f}"
+  return _pct(value)
+
+
+def format_table(report: Mapping) -> str:
+  """One report as a text table: pass rate and 95% interval per kind, the three scores, length (and KL)."""
+  lines = [f"{'':32s} {'n':>4s}  {'pass':>6s}  95% interval"]
+  for label, n, value, ci in _rows(report):
+    interval = f"[{100 * ci[0]:5.1f}, {100 * ci[1]:5.1f}]" if ci else ""
+    lines.append(f"{label:32s} {n:>4s}  {_value(label, value)}  {interval}")
+  return "\n".join(lines)
+
+
+def format_comparison(before: Mapping, after: Mapping, names: tuple[str, str] = ("before", "after")) -> str:
+  """Two reports side by side (the same probes): pass rates, their change in points, intervals."""
+  after_rows = {label: (n, value, ci) for label, n, value, ci in _rows(after)}
+  lines = [f"{'':32s} {'n':>4s}  {names[0]:>7s}  {names[1]:>7s}  {'change':>7s}"]
+  for label, n, value, _ in _rows(before):
+    if label not in after_rows:
+      continue
+    n_after, value_after, _ = after_rows[label]
+    if label.startswith(("mean response", "KL to")):
+      change = f"{value_after - value:+7.2f}"
+    elif value is None or value_after is None:
+      change = "      -"
+    else:
+      change = f"{100 * (value_after - value):+6.1f}p"
+    shown_n = n if n == n_after else f"{n}/{n_after}"
+    lines.append(f"{label:32s} {shown_n:>4s}  {_value(label, value):>7s}  {_value(label, value_after):>7s}  {change}")
+  return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Gym evals during training (`config.evals`): every `every` steps, at the last step, and at step 0 when
+`config.train.eval_at_start`, the policy answers the suite's probes (greedy, with the KV-cache sampler
+on the live params), the answers are graded, and
+
+  WORKDIR/evals/step_NNNNNN.json   gets the full report (per-kind rates with 95% intervals, every response),
+  metrics.jsonl                    gets gym/<kind>, gym/helpful|honest|harmless, gym/mean_response_tokens,
+                                   gym/kl_to_reference (runs with a live reference) and the reward-hacking
+                                   monitors (`alignment.evals.monitors`).
+"""
+
+import glob
+import json
+import os
+from typing import Optional
+
+import jax
+
+from alignment.evals import harness, monitors
+
+
+class GymEvaluator:
+  """Runs the evals of one training run and keeps what the monitors compare against."""
+
+  def __init__(self, config, task, workdir: str):
+    e = config.evals
+    if task.model_cfg is None or task.tokenizer is None:
+      raise ValueError(f"config.evals.every={e.every}: algorithm {config.algorithm!r} trains no generating model")
+    if jax.process_count() > 1:
+      raise ValueError("config.evals.every: gym evals during training run on a single host; evaluate the "
+                       "checkpoints with `python -m alignment.evaluate --model=WORKDIR`")
+    self.probes = harness.load_probes(e.suite, e.probes)[:e.limit or None]
+    self.settings = harness.EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    self.cfg, self.tokenizer, self.reward_metric = task.model_cfg, task.tokenizer, task.reward_metric
+    self.dir = os.path.join(workdir, "evals")
+    self.first, self.previous = self._saved_metrics()
+    self.reward_before: Optional[float] = None
+    self.window: list = []
+
+  def _saved_metrics(self):
+    """(first, last) flat metrics of the evals already in the workdir (a resumed run)."""
+    paths = sorted(glob.glob(os.path.join(self.dir, "step_*.json")))
+    read = lambda p: harness.flat_metrics(json.load(open(p, encoding="utf-8")))
+    return (read(paths[0]), read(paths[-1])) if paths else (None, None)
+
+  def observe(self, record: dict) -> None:
+    """Takes one step's logged metrics (the training reward, for the monitors)."""
+    if self.reward_metric and self.reward_metric in record:
+      self.window.append(record[self.reward_metric])
+
+  def run(self, step: int, params, frozen=None) -> dict:
+    """Evaluates `params`; writes the report; returns the flat metrics and monitors for this step."""
+    report = harness.evaluate_probes(self.cfg, params, self.tokenizer, self.probes, self.settings,
+                                     ref_params=frozen)
+    report = {"step": step, **report}
+    os.makedirs(self.dir, exist_ok=True)
+    path = os.path.join(self.dir, f"step_{step:06d}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+    metrics = harness.flat_metrics(report)
+    reward_now = sum(self.window) / len(self.window) if self.window else None
+    out = {**metrics, **monitors.hacking_monitors(self.first or metrics, self.previous, metrics,
+                                                  reward_before=self.reward_before, reward_now=reward_now)}
+    self.first = self.first or metrics
+    self.previous = metrics
+    if reward_now is not None:
+      self.reward_before, self.window = reward_now, []
+    return out
+
+
+def reports(workdir: str) -> list:
+  """Paths of the gym eval reports of a run, in step order."""
+  return sorted(glob.glob(os.path.join(workdir, "evals", "step_*.json")))
