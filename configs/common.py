@@ -120,6 +120,7 @@ def base_config():
   c.evals.limit = 0              # only the first n probes (0: all)
   c.evals.max_new_tokens = 64
   c.evals.batch_size = 16
+  c.evals.kl_probes = 32         # KL to a live reference measured on this many probes (0: all of them)
   return c
 
 

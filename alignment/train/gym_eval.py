@@ -4,13 +4,16 @@ on the live params), the answers are graded, and
 
   WORKDIR/evals/step_NNNNNN.json   gets the full report (per-kind rates with 95% intervals, every response),
   metrics.jsonl                    gets gym/<kind>, gym/helpful|honest|harmless, gym/mean_response_tokens,
-                                   gym/kl_to_reference (runs with a live reference) and the reward-hacking
+                                   gym/kl_to_reference (runs with a live reference, on `kl_probes` of the
+                                   probes, after step 0) and the reward-hacking
                                    monitors (`alignment.evals.monitors`).
 """
 
 import glob
 import json
 import os
+import sys
+import time
 from typing import Optional
 
 import jax
@@ -30,6 +33,7 @@ class GymEvaluator:
                        "checkpoints with `python -m alignment.evaluate --model=WORKDIR`")
     self.probes = harness.load_probes(e.suite, e.probes)[:e.limit or None]
     self.settings = harness.EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    self.kl_probes = e.kl_probes
     self.cfg, self.tokenizer, self.reward_metric = task.model_cfg, task.tokenizer, task.reward_metric
     self.dir = os.path.join(workdir, "evals")
     self.first, self.previous = self._saved_metrics()
@@ -49,8 +53,11 @@ class GymEvaluator:
 
   def run(self, step: int, params, frozen=None) -> dict:
     """Evaluates `params`; writes the report; returns the flat metrics and monitors for this step."""
+    start = time.time()
+    print(f"gym eval at step {step}: {len(self.probes)} probes ...", file=sys.stderr, flush=True)
+    # At step 0 the policy is its reference: the KL is 0 by construction, and not worth two forwards.
     report = harness.evaluate_probes(self.cfg, params, self.tokenizer, self.probes, self.settings,
-                                     ref_params=frozen)
+                                     ref_params=frozen if step else None, kl_probes=self.kl_probes or None)
     report = {"step": step, **report}
     os.makedirs(self.dir, exist_ok=True)
     path = os.path.join(self.dir, f"step_{step:06d}.json")
@@ -58,6 +65,8 @@ class GymEvaluator:
       json.dump(report, f, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
     metrics = harness.flat_metrics(report)
+    scores = ", ".join(f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k in monitors.SCORE_KEYS)
+    print(f"gym eval at step {step}: {scores} ({time.time() - start:.0f} s; {path})", file=sys.stderr, flush=True)
     reward_now = sum(self.window) / len(self.window) if self.window else None
     out = {**metrics, **monitors.hacking_monitors(self.first or metrics, self.previous, metrics,
                                                   reward_before=self.reward_before, reward_now=reward_now)}

@@ -2,6 +2,7 @@
 metadata checks. Tiny shapes: the whole file runs in seconds on CPU."""
 
 import dataclasses
+import functools
 import importlib.util
 import math
 
@@ -210,6 +211,38 @@ def test_scan_and_remat_give_same_outputs_and_gradients(name, variants):
     text = str(jaxpr)
     assert ("scan" in text) == scan_layers
     assert (("checkpoint" in text) or ("remat" in text)) == (remat != "none")
+
+
+@pytest.mark.parametrize("name,frozen", [("llama", 1), ("gemma3", 2)])
+def test_frozen_layers_zero_lower_gradients_and_keep_the_rest(name, frozen):
+  """frozen_layers=n: the same outputs; layers below n and the embedding lookup get zero gradient; every
+  other gradient (upper layers, final norm, the unembedding) equals the unfrozen model's, since stopping
+  the gradient at layer n changes nothing above it."""
+  base = dataclasses.replace(CONFIGS[name], tie_embeddings=False, n_layers=4)  # gemma3: local and global layers
+  graphdef, params = nnx.split(random_model(base), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 61, (2, 9)), jnp.int32)
+  probe = jnp.asarray(np.random.default_rng(6).standard_normal((2, 9, base.d_model)), jnp.float32)
+
+  def grads(cfg):
+    def loss(p):
+      model = nnx.merge(graphdef, p)
+      model.cfg = cfg
+      return jnp.sum(model(tokens) * probe)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want_loss, want = grads(base)
+  got_loss, got = grads(dataclasses.replace(base, frozen_layers=frozen))
+  assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)  # two scans: another summation order
+  assert not np.any(got["embed"])
+  for key in jax.tree_util.tree_leaves_with_path(got["layers"]):
+    path, g = key
+    w = functools.reduce(lambda d, k: d[k.key], path, want["layers"])
+    assert not np.any(g[:frozen]), jax.tree_util.keystr(path)
+    np.testing.assert_allclose(g[frozen:], w[frozen:], atol=1e-5 * np.abs(w).max(), rtol=0)
+  np.testing.assert_allclose(got["final_norm"], want["final_norm"], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="frozen_layers"):
+    dataclasses.replace(base, frozen_layers=base.n_layers + 1)
 
 
 # (d) logical axis names on every param.
