@@ -1,6 +1,7 @@
 """The optimizer from config: AdamW, warmup + cosine/linear/constant decay, global-norm clipping."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -32,7 +33,18 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim, total_steps: int):
+def freeze_layers(n: int) -> optax.GradientTransformation:
+  """Zeroes the updates of the first `n` rows of every stacked layer weight (leaves under a 'layers' key),
+  so frozen layers (`config.model.frozen_layers`) stay exactly as loaded, weight decay included."""
+  def mask(path, update):
+    if not any(getattr(k, "key", None) == "layers" for k in path):
+      return update
+    keep = (jnp.arange(update.shape[0]) >= n).astype(update.dtype)
+    return update * keep.reshape((-1,) + (1,) * (update.ndim - 1))
+  return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(mask, updates))
+
+
+def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0):
   """Returns (optax transformation, learning-rate schedule)."""
   schedule = learning_rate_schedule(optim, total_steps)
   parts = []
@@ -40,4 +52,6 @@ def make_optimizer(optim, total_steps: int):
     parts.append(optax.clip_by_global_norm(optim.clip_norm))
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay, mask=_decay_mask))
+  if frozen_layers:
+    parts.append(freeze_layers(frozen_layers))
   return optax.chain(*parts), schedule
