@@ -87,6 +87,7 @@ def base_config():
   c.model.remat = "none"         # none | full | dots
   c.model.scan_layers = True
   c.model.frozen_layers = 0      # the first n layers get no gradient (only the layers above are trained)
+  c.model.frozen_embeddings = False  # nor does the embedding table (tied: the unembedding too)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

@@ -45,7 +45,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; softmax, norms and RoPE always run in float32
   remat: str = "none"  # 'none' | 'full' (recompute each layer) | 'dots' (save weight matmuls)
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compile) or a Python loop
-  frozen_layers: int = 0  # training: the first n layers get no gradient (transformer.apply_layers)
+  frozen_layers: int = 0  # training: the first n layers get no gradient (Transformer.trunk)
+  frozen_embeddings: bool = False  # training: nor does the embedding table (with it, a tied unembedding)
   init_std: float = 0.02  # std of the random embedding init (projections use fan_in ** -0.5)
 
   def __post_init__(self):

@@ -113,7 +113,17 @@ class Transformer(nnx.Module):
                segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """tokens, positions, segment_ids: [B, T] int32. positions default to arange(T) per row; segment_ids
     to all ones. A token attends to earlier tokens of its own segment only; segment 0 is padding (its
-    outputs are finite and meaningless, and no other token sees it)."""
+    outputs are finite and meaningless, and no other token sees it). Returns the final hidden states
+    [B, T, D] after the final norm."""
+    return self.top(*self.trunk(tokens, positions, segment_ids))
+
+  def trunk(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+            segment_ids: Optional[jax.Array] = None):
+    """The embedding and the first `cfg.frozen_layers` layers -> (x [B, T, D], attention context).
+
+    Those layers run under stop_gradient (their weights get zero gradient and the backward pass ends
+    above them), as does the embedding lookup when `cfg.frozen_embeddings`. Two models that share
+    these weights (a policy and its frozen reference) can share one trunk pass."""
     cfg = self.cfg
     B, T = tokens.shape
     if positions is None:
@@ -121,17 +131,34 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
     dtype = jnp.dtype(cfg.dtype)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    embed = jax.lax.stop_gradient(self.embed[...]) if cfg.frozen_embeddings else self.embed[...]
+    x = jnp.take(embed, tokens, axis=0).astype(dtype)
     if cfg.embed_scale:
       x = x * jnp.asarray(cfg.embed_multiplier, dtype)
     ctx = _context(cfg, positions, segment_ids)
-    weights = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
-    x = apply_layers(cfg, x, weights, ctx)
+    n = cfg.frozen_layers
+    if n:
+      lower = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:n]), self._layer_weights())
+      x = jax.lax.stop_gradient(_apply_layers(cfg, x, lower, ctx, cfg.layer_is_local[:n]))
+    return x, ctx
+
+  def top(self, x: jax.Array, ctx) -> jax.Array:
+    """The layers above the trunk and the final norm: (x, ctx) from `trunk` -> hidden [B, T, D]."""
+    cfg = self.cfg
+    n = cfg.frozen_layers
+    upper = jax.tree.map(lambda a: a[n:], self._layer_weights()) if n else self._layer_weights()
+    x = _apply_layers(cfg, x, upper, ctx, cfg.layer_is_local[n:])
     return _rms_norm(x, self.final_norm[...], cfg.rms_eps)
 
+  def _layer_weights(self) -> dict:
+    return nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+
   def unembed_matrix(self) -> jax.Array:
-    """[D, V] in the param dtype: the tied embedding transposed, or the separate unembedding."""
-    return self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+    """[D, V] in the param dtype: the tied embedding transposed, or the separate unembedding (a tied one
+    under stop_gradient when `cfg.frozen_embeddings`)."""
+    if self.cfg.tie_embeddings:
+      return (jax.lax.stop_gradient(self.embed[...]) if self.cfg.frozen_embeddings else self.embed[...]).T
+    return self.unembed[...]
 
 
 # The forward, as pure functions of arrays.
@@ -235,23 +262,8 @@ def _remat(cfg: ModelConfig, fn):
   return jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
-def apply_layers(cfg: ModelConfig, x, weights, ctx):
-  """Runs the stacked layers. x [B, T, D]; weights: nested dict of [L, ...] arrays (the `layers` subtree).
-
-  With `cfg.frozen_layers` = n, the first n layers run under stop_gradient: their weights get zero
-  gradients and the backward pass ends at layer n, so fine-tuning the layers above costs a forward
-  pass plus the backward of those layers only.
-  """
-  n = cfg.frozen_layers
-  if not n:
-    return _apply_layers(cfg, x, weights, ctx, cfg.layer_is_local)
-  lower = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:n]), weights)
-  upper = jax.tree.map(lambda a: a[n:], weights)
-  x = jax.lax.stop_gradient(_apply_layers(cfg, x, lower, ctx, cfg.layer_is_local[:n]))
-  return _apply_layers(cfg, x, upper, ctx, cfg.layer_is_local[n:])
-
-
 def _apply_layers(cfg: ModelConfig, x, weights, ctx, flags):
+  """Runs stacked layers. x [B, T, D]; weights: nested dict of [L', ...] arrays; flags: their is-local flags."""
   if not cfg.scan_layers:
     for i, is_local in enumerate(flags):
       layer = _remat(cfg, functools.partial(_layer, cfg, is_local=is_local))

@@ -27,17 +27,22 @@ from alignment.train.task import Task
 
 
 def sequence_logps(graphdef, params, batch, *, impl: str, pairs_per_row: int, ref_params=None):
-  """Per-pair completion log-prob sums of the policy (and the reference): dict of float32 [R, P]."""
-  def forward(p):
-    model = nnx.merge(graphdef, p)
-    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return hidden.reshape(-1, hidden.shape[-1]), model.unembed_matrix()
+  """Per-pair completion log-prob sums of the policy (and the reference): dict of float32 [R, P].
 
-  hidden, unembed = forward(params)
+  When the model freezes its embedding and bottom layers (`frozen_embeddings`, `frozen_layers`), the
+  policy and the reference hold the same trunk weights, so the trunk runs once for both."""
+  model = nnx.merge(graphdef, params)
+  inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  flat = lambda h: h.reshape(-1, h.shape[-1])
+  cfg = model.cfg
+  share_trunk = ref_params is not None and cfg.frozen_layers and cfg.frozen_embeddings
+  x, ctx = model.trunk(*inputs)
+  hidden, unembed = flat(model.top(x, ctx)), model.unembed_matrix()
   ref = {}
   if ref_params is not None:
-    ref_hidden, ref_unembed = forward(jax.lax.stop_gradient(ref_params))
-    ref = dict(ref_hidden=ref_hidden, ref_unembed=ref_unembed)
+    ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+    ref_hidden = ref_model.top(x, ctx) if share_trunk else ref_model(*inputs)
+    ref = dict(ref_hidden=flat(ref_hidden), ref_unembed=ref_model.unembed_matrix())
   stats = token_logprobs(hidden, unembed, batch["targets"].reshape(-1), impl=impl, **ref)
   mask = batch["loss_mask"].astype(jnp.float32)
   rows = mask.shape

@@ -85,7 +85,8 @@ def train(config, workdir: str, build_task) -> dict:
   gym = GymEvaluator(config, task, workdir) if config.get("evals") and config.evals.every else None
 
   tx, schedule = make_optimizer(config.optim, config.train.steps,
-                                frozen_layers=config.model.get("frozen_layers", 0))
+                                frozen_layers=config.model.get("frozen_layers", 0),
+                                frozen_embeddings=config.model.get("frozen_embeddings", False))
   params_sharding = state_lib.param_shardings(task.spec, mesh, rules)
   shardings = state_lib.state_shardings(tx, task.spec.abstract_params, params_sharding, mesh,
                                         with_frozen=task.load_frozen is not None)

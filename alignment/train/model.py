@@ -30,7 +30,8 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelS
   """
   runtime = dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype,
                  remat=model_config.remat, scan_layers=model_config.scan_layers,
-                 frozen_layers=model_config.get("frozen_layers", 0))
+                 frozen_layers=model_config.get("frozen_layers", 0),
+                 frozen_embeddings=model_config.get("frozen_embeddings", False))
   tokenizer = None
   if model_config.name in models.PRESETS:
     cfg = models.get_model_config(model_config.name, **runtime)

@@ -33,18 +33,24 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def freeze_layers(n: int) -> optax.GradientTransformation:
-  """Zeroes the updates of the first `n` rows of every stacked layer weight (leaves under a 'layers' key),
-  so frozen layers (`config.model.frozen_layers`) stay exactly as loaded, weight decay included."""
+def freeze(frozen_layers: int, frozen_embeddings: bool = False) -> optax.GradientTransformation:
+  """Zeroes the updates of the first `frozen_layers` rows of every stacked layer weight (leaves under a
+  'layers' key) and, with `frozen_embeddings`, of the embedding table ('embed'), so what
+  `config.model.frozen_*` freezes stays exactly as loaded, weight decay included."""
+  n = frozen_layers
+
   def mask(path, update):
-    if not any(getattr(k, "key", None) == "layers" for k in path):
+    keys = [getattr(k, "key", None) for k in path]
+    if frozen_embeddings and keys[-1] == "embed":
+      return jnp.zeros_like(update)
+    if "layers" not in keys:
       return update
     keep = (jnp.arange(update.shape[0]) >= n).astype(update.dtype)
     return update * keep.reshape((-1,) + (1,) * (update.ndim - 1))
   return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(mask, updates))
 
 
-def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0):
+def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0, frozen_embeddings: bool = False):
   """Returns (optax transformation, learning-rate schedule)."""
   schedule = learning_rate_schedule(optim, total_steps)
   parts = []
@@ -52,6 +58,6 @@ def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0):
     parts.append(optax.clip_by_global_norm(optim.clip_norm))
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay, mask=_decay_mask))
-  if frozen_layers:
-    parts.append(freeze_layers(frozen_layers))
+  if frozen_layers or frozen_embeddings:
+    parts.append(freeze(frozen_layers, frozen_embeddings))
   return optax.chain(*parts), schedule

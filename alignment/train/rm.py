@@ -88,7 +88,8 @@ class RewardScorer:
     rules = tuple(tuple(r) for r in self.config.sharding.rules)
     params_sharding = state_lib.param_shardings(model.spec, self.mesh, rules)
     tx, _ = make_optimizer(self.config.optim, self.config.train.steps,
-                           frozen_layers=self.config.model.get("frozen_layers", 0))
+                           frozen_layers=self.config.model.get("frozen_layers", 0),
+                           frozen_embeddings=self.config.model.get("frozen_embeddings", False))
     shardings = state_lib.state_shardings(tx, model.spec.abstract_params, params_sharding, self.mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     step = ckpt.latest_step()
