@@ -34,6 +34,8 @@ def get_config(arg=None):
   if a.preset == "gym":
     _gym_preset(c)
   common.apply_run_args(c, a)
+  if a.preset == "gym":
+    c.evals.every = c.train.steps  # step 0 (eval_at_start) and the last step
   if a.loss_type:
     c.dpo.loss_type = a.loss_type
   return c
@@ -52,7 +54,6 @@ def _gym_preset(c):
   c.model.frozen_layers = 20
   c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 5e-5, "constant", 0
   c.dpo.nll_coef = 1.0
-  c.evals.every = c.train.steps  # step 0 (eval_at_start) and the last step
   c.evals.max_new_tokens = 48
 
 

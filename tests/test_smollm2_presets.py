@@ -41,3 +41,32 @@ def test_smollm2_preset_trains_two_steps(tmp_path, config, train_file):
     assert losses[1] < 4.0  # a pretrained instruct model already predicts these answers well
   assert (workdir / "checkpoints" / "2").is_dir()
   assert summary["steps"] == 2
+
+
+def test_gym_preset_freezes_the_trunk_and_evaluates_before_and_after(tmp_path):
+  """`make demo`'s config, shortened: the gym pairs train SmolLM2 with the bottom 20 layers and the
+  embedding bit-for-bit as loaded and the top layers moved; gym evals at step 0 and the last step."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from alignment import checkpoint, models
+  workdir = tmp_path / "run"
+  rc, out, err = _main(workdir, "--config.train.steps=2", "--config.evals.limit=8", "--config.evals.batch_size=8",
+                       "--config.evals.max_new_tokens=4", "--config.evals.kl_probes=4", "--config.mesh.data=2",
+                       "--config.mesh.tensor=4", config="configs/dpo.py:gym")
+  assert rc == 0, err[-3000:]
+  records = metrics.read_metrics(str(workdir))
+  assert records[1]["rewards/margins"] == 0.0 and records[2]["rewards/margins"] != 0.0
+  assert "gym/mean_response_tokens" in records[0] and "monitor/kl_to_reference" in records[2]
+  assert (workdir / "evals" / "step_000000.json").exists() and (workdir / "evals" / "step_000002.json").exists()
+  assert "step 0" in out and "step 2" in out
+  trained, _ = checkpoint.restore_entry(str(workdir / "checkpoints"))
+  loaded = nnx.to_pure_dict(nnx.state(models.load("smollm2-135m-instruct")[0], nnx.Param))
+  np.testing.assert_array_equal(trained["embed"], loaded["embed"])
+  for path, leaf in jax.tree_util.tree_leaves_with_path(trained["layers"]):
+    want = loaded["layers"]
+    for k in path:
+      want = want[k.key]
+    np.testing.assert_array_equal(leaf[:20], want[:20], err_msg=jax.tree_util.keystr(path))
+  assert not np.array_equal(trained["layers"]["mlp"]["down"][20:], loaded["layers"]["mlp"]["down"][20:])
