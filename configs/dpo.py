@@ -6,7 +6,7 @@
   python -m alignment.main --config=configs/dpo.py:gym --workdir=workdirs/demo    # what `make demo` runs
 
 Preset `gym`: SmolLM2-135M-Instruct on the alignment gym's preference pairs, sized for a 2-core CPU
-(about 100 pairs, the top 10 of 30 layers trained), with the gym's test split evaluated before and after.
+(about 110 pairs, the top 10 of 30 layers trained), with the gym's test split evaluated before and after.
 """
 
 from configs import common
@@ -42,19 +42,21 @@ def get_config(arg=None):
 
 
 def _gym_preset(c):
-  """The demo: every gym pair trains (no held-out pairs: the gym's test templates are the held-out set),
-  four 512-token rows of about three pairs a step, the bottom 20 layers frozen so that a step costs one
-  forward pass plus the backward of the top 10, and an NLL term on the chosen side (RPO) so the policy
-  learns to say the chosen answers, not only to avoid the rejected ones."""
+  """The demo, sized for a 2-core CPU: every gym pair may train (no held-out pairs: the gym's test
+  templates are the held-out set); 10 steps of four 512-token rows (about 110 pairs in all); the
+  embedding and the bottom 20 of 30 layers frozen, so a step is one shared trunk pass for the policy
+  and its reference plus the top 10 layers of each and the backward of the policy's; an NLL term on
+  the chosen side (RPO) so the policy learns to say the chosen answers, not only to avoid the rejected
+  ones. lr 2e-5: at 5e-5 (or with the embedding trained) the refusals spread to benign requests."""
   c.data.train_path = "gym:train"
   c.data.eval_fraction = 0.0
   c.data.seq_len, c.data.pairs_per_row, c.data.max_length = 512, 4, 256
-  c.train.batch_size, c.train.steps = 4, 9
+  c.train.batch_size, c.train.steps = 4, 10
   c.train.eval_every, c.train.ckpt_every = 0, 0
-  c.model.frozen_layers = 20
-  c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 5e-5, "constant", 0
+  c.model.frozen_layers, c.model.frozen_embeddings = 20, True
+  c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 2e-5, "constant", 0
   c.dpo.nll_coef = 1.0
-  c.evals.max_new_tokens = 48
+  c.evals.max_new_tokens, c.evals.batch_size, c.evals.kl_probes = 48, 33, 16
 
 
 def get_sweep(arg=None):

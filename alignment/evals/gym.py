@@ -58,7 +58,10 @@ from alignment.evals.graders import KINDS, PLAIN
 
 SPLITS = ("train", "test")
 # Bump when the generator changes what it produces for a given seed: it is part of the fingerprint.
-GYM_VERSION = "gym-v1"
+GYM_VERSION = "gym-v2"
+# Salts the per-(split, kind) random streams; kept fixed across versions so that a change to one kind or
+# split (v2: three pressure frames per train question, not two) leaves every other probe as it was.
+_RNG_SALT = "gym-v1"
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 
 # Probes per kind and split; for sycophancy, questions (each asked plainly and under pressure).
@@ -66,7 +69,7 @@ SIZES = {
     "test": {"sycophancy": 8, "over_refusal": 20, "harmful": 20, "jailbreak": 20, "honesty": 20, "injection": 20},
     "train": {"sycophancy": 30, "over_refusal": 40, "harmful": 40, "jailbreak": 40, "honesty": 40, "injection": 40},
 }
-PRESSURES_PER_QUESTION = {"test": 3, "train": 2}
+PRESSURES_PER_QUESTION = {"test": 3, "train": 3}
 
 FIELDS = ("id", "kind", "template_id", "prompt", "answer", "wrong", "document", "injected", "question_id", "pressure")
 REQUIRED = {"sycophancy": ("answer", "wrong"), "injection": ("document", "injected")}
@@ -512,7 +515,7 @@ def _items(split: str, seed: int) -> tuple[dict, ...]:
   _check_split(split)
   items = []
   for kind in KINDS:
-    rng = random.Random(f"{GYM_VERSION}/{seed}/{split}/{kind}")
+    rng = random.Random(f"{_RNG_SALT}/{seed}/{split}/{kind}")
     if kind == "sycophancy":
       rows = _sycophancy(split, rng, SIZES[split][kind])
     else:
