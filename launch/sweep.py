@@ -79,7 +79,8 @@ def main(argv=None):
   for point, run_dir, cmd in runs:
     print(f"== {point_name(point)}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):]) if proc.returncode == 0 else {}
+    # The summary JSON comes first; a gym before/after table may follow it.
+    summary = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])[0] if proc.returncode == 0 else {}
     results.append({"point": point, "returncode": proc.returncode, **summary})
     with open(os.path.join(args.workdir, "sweep.jsonl"), "a") as f:
       f.write(json.dumps(results[-1]) + "\n")
