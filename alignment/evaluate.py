@@ -32,6 +32,11 @@ flags.DEFINE_string("output", "", "where to write the JSON report")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype of a loaded model")
 F = flags.FLAGS
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def default_output(model: str, suite: str, probes_file: str) -> str:
   from alignment.train.model import is_workdir
   name = suite.replace(":", "_") if suite and not probes_file else os.path.splitext(os.path.basename(probes_file))[0]

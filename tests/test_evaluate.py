@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from alignment import checkpoint, metrics
-from alignment.evals import graders, harness
+from alignment.evals import graders, gym, harness, monitors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_PROBES = [
@@ -30,25 +30,39 @@ def _run(*args, module="alignment.main"):
   return proc.returncode, proc.stdout, proc.stderr
 
 
+def _mixed_probes(path):
+  """Five gym test probes of each kind but sycophancy, and one user sycophancy probe (scored alone):
+  every summary score has probes, whatever a tiny random model answers."""
+  by_kind = {}
+  for p in gym.load_probes("test"):
+    if p["kind"] != "sycophancy" and len(by_kind.setdefault(p["kind"], [])) < 5:
+      by_kind[p["kind"]].append(p)
+  probes = [p for rows in by_kind.values() for p in rows] + USER_PROBES[:1]
+  path.write_text("".join(json.dumps(p) + "\n" for p in probes))
+  return path
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("gym_evals")
   workdir = root / "dpo"
+  probes = _mixed_probes(root / "mixed.jsonl")
   rc, out, err = _run("--config=configs/dpo.py:tiny,steps=4", f"--workdir={workdir}",
                       f"--config.data.data_dir={root / 'tfds'}", "--config.kernel.impl=naive",
-                      "--config.train.eval_every=0", "--config.evals.every=2", "--config.evals.limit=30",
-                      "--config.evals.max_new_tokens=6", "--config.evals.batch_size=8", "--config.evals.kl_probes=5")
+                      "--config.train.eval_every=0", "--config.evals.every=2", "--config.evals.suite=",
+                      f"--config.evals.probes={probes}", "--config.evals.max_new_tokens=6",
+                      "--config.evals.batch_size=8", "--config.evals.kl_probes=5")
   assert rc == 0, err[-3000:]
-  return workdir, out
+  return workdir, out, probes
 
 
 @pytest.mark.slow
 def test_training_writes_gym_reports_metrics_and_monitors(run):
-  workdir, out = run
+  workdir, out, _ = run
   reports = {s: json.load(open(workdir / "evals" / f"step_{s:06d}.json")) for s in (0, 2, 4)}
   records = metrics.read_metrics(str(workdir))
   for step, report in reports.items():
-    assert report["step"] == step and report["num_probes"] == 30
+    assert report["step"] == step and report["num_probes"] == 26
     assert [r["passed"] for r in report["results"]] == [graders.grade(r, r["response"]) for r in report["results"]]
     for key, value in harness.flat_metrics(report).items():
       assert records[step][key] == pytest.approx(value)
@@ -59,14 +73,22 @@ def test_training_writes_gym_reports_metrics_and_monitors(run):
     kl = reports[step]["kl_to_reference"]
     assert kl["num_probes"] == 5 and kl["mean"] > 0
     assert records[step]["monitor/kl_to_reference"] == pytest.approx(kl["mean"])
-    assert records[step]["monitor/reward_up_gym_down"] in (0.0, 1.0)
+    change = records[step]["monitor/gym_score_change"]
+    scores = lambda r: np.mean([r[k] for k in ("gym/helpful", "gym/honest", "gym/harmless")])
+    assert change == pytest.approx(scores(records[step]) - scores(records[step - 2]))
+  # The reward trend needs a window before the previous eval: from the second eval after step 0 on.
+  assert "monitor/reward_up_gym_down" not in records[2]
+  window = lambda a, b: np.mean([records[s]["rewards/margins"] for s in range(a, b + 1)])
+  rising = window(3, 4) > window(1, 2)
+  fell = np.mean([records[4][k] for k in monitors.SCORE_KEYS]) < np.mean([records[2][k] for k in monitors.SCORE_KEYS])
+  assert records[4]["monitor/reward_up_gym_down"] == float(rising and fell)
   assert "step 0" in out and "step 4" in out and "change" in out  # the before/after table
   assert "Run: " in out
 
 
 @pytest.mark.slow
 def test_restore_entry_reads_the_params_the_run_saved(run):
-  workdir, _ = run
+  workdir, _, _ = run
   params, step = checkpoint.restore_entry(str(workdir / "checkpoints"))
   assert step == 4
   saved = ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "4" / "state"))
@@ -76,23 +98,20 @@ def test_restore_entry_reads_the_params_the_run_saved(run):
 
 
 @pytest.mark.slow
-def test_evaluate_cli_on_a_workdir_with_user_probes(run, tmp_path):
-  """The workdir's last checkpoint answers the user's probes; the report's responses are the ones the
-  run's own last gym eval gave for the same prompts where the suites overlap (same params, greedy)."""
-  workdir, _ = run
-  probes = tmp_path / "mine.jsonl"
-  probes.write_text("".join(json.dumps(p) + "\n" for p in USER_PROBES))
+def test_evaluate_cli_on_a_workdir(run, tmp_path):
+  """The workdir's last checkpoint, read alone, answers the run's probes as the run's own last eval did
+  (same params, greedy), and is its own reference (KL 0)."""
+  workdir, _, probes = run
   output = tmp_path / "report.json"
-  rc, out, err = _run(f"--model={workdir}", "--suite=gym:test", f"--probes={probes}", "--limit=33",
-                      "--max_new_tokens=6", "--batch_size=8", f"--reference={workdir}", f"--output={output}",
-                      module="alignment.evaluate")
+  rc, out, err = _run(f"--model={workdir}", "--suite=", f"--probes={probes}", "--max_new_tokens=6",
+                      "--batch_size=8", f"--reference={workdir}", f"--output={output}", module="alignment.evaluate")
   assert rc == 0, err[-3000:]
   report = json.load(open(output))
-  assert report["model"].endswith("(step 4)") and report["num_probes"] == 33
-  assert [r["prompt"] for r in report["results"][30:]] == [p["prompt"] for p in USER_PROBES]
+  assert report["model"].endswith("(step 4)") and report["num_probes"] == 26
   during = json.load(open(workdir / "evals" / "step_000004.json"))["results"]
-  assert [r["response"] for r in report["results"][:30]] == [r["response"] for r in during]
-  assert report["kl_to_reference"]["mean"] == pytest.approx(0.0, abs=1e-5)  # the model is its own reference
+  assert [r["prompt"] for r in report["results"]] == [r["prompt"] for r in during]
+  assert [r["response"] for r in report["results"]] == [r["response"] for r in during]
+  assert report["kl_to_reference"]["mean"] == pytest.approx(0.0, abs=1e-5)
   assert "HARMLESS" in out and str(output) in out
 
 
