@@ -38,8 +38,8 @@ class Checkpointer:
 
 def restore_entry(directory: str, key: str = "params", *, step: Optional[int] = None, sharding=None):
   """One top-level entry of a saved train state (e.g. its params), read alone: the optimizer state and
-  any reference copy stay on disk. Shapes and dtypes come from the checkpoint's own metadata;
-  `sharding` (one Sharding for every leaf, or a tree of them) defaults to the first local device.
+  any reference copy stay on disk. Shapes and dtypes come from the checkpoint's own metadata; every
+  leaf is placed with `sharding`, by default on the first local device.
 
   Returns (entry, step). Raises FileNotFoundError when `directory` holds no checkpoint and KeyError
   when the state has no `key`.
@@ -54,10 +54,8 @@ def restore_entry(directory: str, key: str = "params", *, step: Optional[int] = 
   if key not in tree:
     raise KeyError(f"{path}: the saved state has no {key!r} (it has {sorted(tree)})")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shardings = sharding if not isinstance(sharding, jax.sharding.Sharding) else jax.tree.map(lambda _: sharding,
-                                                                                              tree[key])
-  abstract = {key: jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree[key], shardings)}
-  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract)
+  abstract = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[key])}
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), abstract)
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=abstract, restore_args=restore_args, partial_restore=True))
   return restored[key], step

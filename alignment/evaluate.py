@@ -13,7 +13,6 @@ The JSON report (`alignment.evals.harness`) goes to --output (default: WORKDIR/e
 for a workdir, else eval_<model>.json in the current directory), with every probe's response.
 """
 
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ flags.DEFINE_string("system", None, "an optional system message before every pro
 flags.DEFINE_string("output", "", "where to write the JSON report")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype of a loaded model")
 F = flags.FLAGS
+
 
 def _fail(message: str):
   print(f"error: {message}", file=sys.stderr)
@@ -73,10 +73,7 @@ def main(argv):
             "settings": {"max_new_tokens": F.max_new_tokens, "batch_size": F.batch_size, "greedy": True,
                          "system": F.system},
             "seconds": round(time.time() - start, 1), **report}
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, ensure_ascii=False)
-  os.replace(output + ".tmp", output)
+  harness.write_report(report, output)
   print(f"{policy.description} on {F.suite or F.probes} ({report['num_probes']} probes, greedy, "
         f"max {F.max_new_tokens} new tokens)")
   print(harness.format_table(report))

@@ -35,12 +35,10 @@ def main(argv):
   model, tokenizer = models.load(F.model, dtype=F.dtype)
   if tokenizer is None:
     raise app.UsageError(f"model {F.model!r} ships no tokenizer; cannot encode a text prompt")
-  eos = getattr(tokenizer, "eos_id", None)
-  pad = getattr(tokenizer, "pad_id", None)
+  eos_ids, pad_id = sampler.stop_and_pad_ids(tokenizer)
   sampling = sampler.SamplingConfig(
       max_new_tokens=F.max_new_tokens, greedy=F.temperature == 0, temperature=F.temperature or 1.0,
-      top_k=F.top_k, top_p=F.top_p, eos_ids=() if eos is None else (eos,),
-      pad_id=pad if pad is not None else (eos or 0))
+      top_k=F.top_k, top_p=F.top_p, eos_ids=eos_ids, pad_id=pad_id)
   loaded = time.time()
   texts, out = sampler.generate_text(model, tokenizer, F.prompt, sampling, seed=F.seed, system=F.system,
                                      raw=F.raw)

@@ -71,7 +71,7 @@ def print_gym_comparison(summary: dict) -> None:
   if len(paths) < 2:
     return
   from alignment.evals import harness
-  first, last = (json.load(open(p, encoding="utf-8")) for p in (paths[0], paths[-1]))
+  first, last = harness.read_report(paths[0]), harness.read_report(paths[-1])
   print(f"\nAlignment gym ({first['num_probes']} probes of {flags.FLAGS.config.evals.suite or 'evals.probes'}, "
         f"greedy), step {first['step']} vs step {last['step']}:")
   print(harness.format_comparison(first, last, names=(f"step {first['step']}", f"step {last['step']}")))

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -68,12 +70,6 @@ class EvalSettings:
   seed: int = 0
 
 
-def _pad_id(tokenizer) -> int:
-  pad = getattr(tokenizer, "pad_id", None)
-  eos = getattr(tokenizer, "eos_id", None)
-  return pad if pad is not None else (eos if eos is not None else 0)
-
-
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
   """Indices sorted by length, in chunks of `batch_size`: rows of a batch need similar padding."""
   order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
@@ -83,9 +79,9 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 def generate_responses(cfg: ModelConfig, params, tokenizer, prompt_ids: Sequence[Sequence[int]],
                        settings: EvalSettings, *, mesh=None) -> list[list[int]]:
   """Greedy responses to tokenised prompts, as token id lists (EOS included when reached), in input order."""
-  eos = getattr(tokenizer, "eos_id", None)
-  sampling = sampler.SamplingConfig(max_new_tokens=settings.max_new_tokens, greedy=True,
-                                    eos_ids=() if eos is None else (eos,), pad_id=_pad_id(tokenizer))
+  eos_ids, pad_id = sampler.stop_and_pad_ids(tokenizer)
+  sampling = sampler.SamplingConfig(max_new_tokens=settings.max_new_tokens, greedy=True, eos_ids=eos_ids,
+                                    pad_id=pad_id)
   fn = sampler.make_sampler(cfg, sampling, mesh)
   rng = jax.random.key(settings.seed)
   out: list[list[int] | None] = [None] * len(prompt_ids)
@@ -170,14 +166,14 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
   responses = generate_responses(cfg, params, tokenizer, prompt_ids, settings, mesh=mesh)
   texts = [tokenizer.decode(r) for r in responses]
   results = graders.grade_all(probes, texts)
-  eos = getattr(tokenizer, "eos_id", None)
+  eos_ids, _ = sampler.stop_and_pad_ids(tokenizer)
   for r, ids in zip(results, responses):
     r["response_tokens"] = len(ids)
   report = {
       "summary": graders.summarize(results),
       "num_probes": len(probes),
       "mean_response_tokens": float(np.mean([len(r) for r in responses])),
-      "truncated_fraction": float(np.mean([len(r) == settings.max_new_tokens and (not r or r[-1] != eos)
+      "truncated_fraction": float(np.mean([len(r) == settings.max_new_tokens and r[-1] not in eos_ids
                                            for r in responses])),
   }
   if ref_params is not None:
@@ -192,6 +188,20 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
                                  "kinds": {k: float(np.mean(kinds[k])) for k in graders.KINDS if k in kinds}}
   report["results"] = results
   return report
+
+
+def write_report(report: Mapping, path: str) -> None:
+  """Writes a report as JSON at `path` (its folder is created), through a temporary file, so a reader
+  never sees half a report."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1, ensure_ascii=False)
+  os.replace(path + ".tmp", path)
+
+
+def read_report(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def flat_metrics(report: Mapping, prefix: str = "gym/") -> dict:

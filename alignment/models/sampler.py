@@ -360,6 +360,13 @@ def sample(model, tokens, lengths, sampling: SamplingConfig, rng=None, *, mesh=N
                                                  jnp.asarray(lengths, jnp.int32), rng)
 
 
+def stop_and_pad_ids(tokenizer) -> tuple[tuple[int, ...], int]:
+  """(eos_ids, pad_id) for a SamplingConfig from a tokenizer: its EOS (if any) stops a row, and rows
+  are padded with its pad id, else its EOS, else 0."""
+  eos, pad = getattr(tokenizer, "eos_id", None), getattr(tokenizer, "pad_id", None)
+  return (() if eos is None else (eos,)), (pad if pad is not None else (eos if eos is not None else 0))
+
+
 def encode_chat(tokenizer, prompts: Sequence[str], *, system: str | None = None, raw: bool = False) -> list[list[int]]:
   """Prompt strings -> token id lists: one user turn (after an optional system turn) in the tokenizer's
   chat template with the generation prompt, or the raw text when `raw` or the tokenizer has no template."""

@@ -10,7 +10,6 @@ on the live params), the answers are graded, and
 """
 
 import glob
-import json
 import os
 import sys
 import time
@@ -35,15 +34,15 @@ class GymEvaluator:
     self.settings = harness.EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     self.kl_probes = e.kl_probes
     self.cfg, self.tokenizer, self.reward_metric = task.model_cfg, task.tokenizer, task.reward_metric
-    self.dir = os.path.join(workdir, "evals")
+    self.workdir = workdir
     self.first, self.previous = self._saved_metrics()
     self.reward_before: Optional[float] = None
     self.window: list = []
 
   def _saved_metrics(self):
     """(first, last) flat metrics of the evals already in the workdir (a resumed run)."""
-    paths = sorted(glob.glob(os.path.join(self.dir, "step_*.json")))
-    read = lambda p: harness.flat_metrics(json.load(open(p, encoding="utf-8")))
+    paths = reports(self.workdir)
+    read = lambda p: harness.flat_metrics(harness.read_report(p))
     return (read(paths[0]), read(paths[-1])) if paths else (None, None)
 
   def observe(self, record: dict) -> None:
@@ -59,11 +58,8 @@ class GymEvaluator:
     report = harness.evaluate_probes(self.cfg, params, self.tokenizer, self.probes, self.settings,
                                      ref_params=frozen if step else None, kl_probes=self.kl_probes or None)
     report = {"step": step, **report}
-    os.makedirs(self.dir, exist_ok=True)
-    path = os.path.join(self.dir, f"step_{step:06d}.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=1, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
+    path = os.path.join(self.workdir, "evals", f"step_{step:06d}.json")
+    harness.write_report(report, path)
     metrics = harness.flat_metrics(report)
     scores = ", ".join(f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k in monitors.SCORE_KEYS)
     print(f"gym eval at step {step}: {scores} ({time.time() - start:.0f} s; {path})", file=sys.stderr, flush=True)
