@@ -6,7 +6,7 @@
   python -m alignment.main --config=configs/dpo.py:gym --workdir=workdirs/demo    # what `make demo` runs
 
 Preset `gym`: SmolLM2-135M-Instruct on the alignment gym's preference pairs, sized for a 2-core CPU
-(about 110 pairs, the top 10 of 30 layers trained), with the gym's test split evaluated before and after.
+(about 120 of the 400 pairs, the top 10 of 30 layers trained), with the gym's test split evaluated before and after.
 """
 
 from configs import common
@@ -43,7 +43,7 @@ def get_config(arg=None):
 
 def _gym_preset(c):
   """The demo, sized for a 2-core CPU: every gym pair may train (no held-out pairs: the gym's test
-  templates are the held-out set); 10 steps of four 512-token rows (about 110 pairs in all); the
+  templates are the held-out set); 10 steps of four 512-token rows (about 120 of the 400 pairs); the
   embedding and the bottom 20 of 30 layers frozen, so a step is one shared trunk pass for the policy
   and its reference plus the top 10 layers of each and the backward of the policy's; an NLL term on
   the chosen side (RPO) so the policy learns to say the chosen answers, not only to avoid the rejected

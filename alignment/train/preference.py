@@ -1,5 +1,6 @@
 """Preference data for the reward-model and DPO tasks: prepared splits, per-host iterators, stats."""
 
+import filecmp
 import hashlib
 import os
 from typing import Callable, NamedTuple, Optional
@@ -34,7 +35,7 @@ GYM_PATH = "gym:train"  # `config.data.train_path` naming the alignment gym's pr
 
 def resolve_train_path(data_config) -> str:
   """`config.data.train_path`, where 'gym:train' becomes the gym's pairs (`gym.preference_pairs`), written
-  once as generic JSONL under the data dir (keyed by the gym version and seed)."""
+  as generic JSONL under the data dir (named by the gym version and seed; rewritten when its content changed)."""
   path = data_config.train_path
   if not path.startswith("gym:"):
     return path
@@ -43,9 +44,11 @@ def resolve_train_path(data_config) -> str:
                      f"templates have none)")
   from alignment.evals import gym
   out = os.path.join(data_dir(data_config), "gym", f"{gym.GYM_VERSION}_train_seed{data_config.seed}.jsonl")
-  if not os.path.exists(out):
-    gym.write_preference_jsonl(out + f".tmp{os.getpid()}", seed=data_config.seed)
-    os.replace(out + f".tmp{os.getpid()}", out)
+  tmp = gym.write_preference_jsonl(out + f".tmp{os.getpid()}", seed=data_config.seed)
+  if os.path.exists(out) and filecmp.cmp(tmp, out, shallow=False):
+    os.remove(tmp)  # unchanged: keep the file (and its prepared dataset) as it is
+  else:
+    os.replace(tmp, out)  # regenerated every run, so an edit to the generator is never masked by an old file
   return out
 
 

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 import re
 
 import pytest
@@ -75,7 +76,7 @@ def test_sizes(probes):
       else:
         assert counts[kind] == gym.SIZES[split][kind], (split, kind)
   # Small enough to evaluate a 135M model on a CPU in minutes.
-  assert len(probes["test"]) <= 140
+  assert len(probes["test"]) <= 170
   assert len(probes["train"]) > 2 * len(probes["test"])
 
 
@@ -173,6 +174,26 @@ def test_preference_jsonl_reads_back(tmp_path):
                     "rejected": row["rejected"], "margin": 0.0}
   sources = preference.prepare_preferences(path, data_dir=tmp_path / "tfds", eval_fraction=0.1)
   assert len(sources["train"]) + len(sources["eval"]) == len(expected)
+
+
+def test_gym_train_path_is_rewritten_when_stale(tmp_path):
+  import ml_collections
+
+  from alignment.train.preference import resolve_train_path
+  data_config = ml_collections.ConfigDict({"train_path": "gym:train", "data_dir": str(tmp_path), "seed": 0})
+  path = resolve_train_path(data_config)
+  assert path.startswith(str(tmp_path)) and gym.GYM_VERSION in path
+  fresh = open(path, "rb").read()
+  assert [json.loads(line) for line in fresh.splitlines()] == gym.preference_pairs()
+  # Unchanged content: the file is left alone (same inode); stale content (a generator edited without a
+  # version bump, or a truncated write): rewritten.
+  inode = os.stat(path).st_ino
+  assert resolve_train_path(data_config) == path and os.stat(path).st_ino == inode
+  with open(path, "wb") as f:
+    f.write(fresh[:len(fresh) // 2])
+  assert resolve_train_path(data_config) == path
+  assert open(path, "rb").read() == fresh
+  assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]  # no temporary files left
 
 
 # ----------------------------------------------------------------------------------------------
