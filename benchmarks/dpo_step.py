@@ -1,6 +1,6 @@
 """One DPO training step on SmolLM2-135M-Instruct on CPU: ours against TRL's DPOTrainer. Prints JSON.
 
-  python benchmarks/dpo_step.py [--pairs 4] [--steps 3] [--skip_trl]
+  python benchmarks/dpo_step.py [--pairs 4] [--steps 3] [--layout rows|packed] [--skip_trl]
 
 Both sides train the same weights (TRL loads our HF export of the GGUF model) on the same pairs, in
 float32, batch of `--pairs` pairs, with a live reference model and with precomputed reference
@@ -92,23 +92,27 @@ def ours(pairs, args, tokenizer, template):
   tx, schedule = make_optimizer(config.optim, 100)
   lengths = [len(preference_pipeline.tokenize_sequence(p["prompt"], p[side], tokenizer, template)[0])
              for p in pairs for side in ("chosen", "rejected")]
-  seq_len = -(-sum(lengths) // 64) * 64  # all pairs packed into one row: no padding beyond 63 tokens
+  round_up = lambda n: -(-n // 64) * 64
+  if args.layout == "packed":  # all pairs in one row: no padding beyond 63 tokens, attention over the whole row
+    rows, pairs_per_row, seq_len = 1, len(pairs), round_up(sum(lengths))
+  else:  # one pair a row: padding up to the longest pair, attention only over each pair's row
+    rows, pairs_per_row, seq_len = len(pairs), 1, round_up(max(map(sum, zip(lengths[::2], lengths[1::2]))))
   it = preference_pipeline.make_preference_eval_iterator(
-      pairs, tokenizer=tokenizer, template=template, seq_len=seq_len, batch_size=1, pairs_per_row=len(pairs),
+      pairs, tokenizer=tokenizer, template=template, seq_len=seq_len, batch_size=rows, pairs_per_row=pairs_per_row,
       max_length=max(lengths))
   host_batch = next(it)
   assert int(host_batch["pair_mask"].sum()) == len(pairs)
   tokens = int((host_batch["segment_ids"] > 0).sum())
-  out = {"tokens_per_step": tokens, "row_len": seq_len}
+  out = {"tokens_per_step": tokens, "layout": args.layout, "rows": rows, "row_len": seq_len}
   with jax.set_mesh(mesh):
     for reference in ("live", "cached"):
       config.dpo.reference = reference
-      loss_fn = make_loss_fn(setup.spec.graphdef, config.dpo, impl=args.impl, pairs_per_row=len(pairs))
+      loss_fn = make_loss_fn(setup.spec.graphdef, config.dpo, impl=args.impl, pairs_per_row=pairs_per_row)
       batch = dict(host_batch)
       frozen = setup.load_params(params_sharding) if reference == "live" else None
       if reference == "cached":
         ref = jax.jit(lambda p, b: sequence_logps(setup.spec.graphdef, p, b, impl=args.impl,
-                                                  pairs_per_row=len(pairs)))(
+                                                  pairs_per_row=pairs_per_row))(
             setup.load_params(params_sharding), host_batch_to_global(host_batch, mesh))
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = np.asarray(ref["chosen"]), np.asarray(ref["rejected"])
       shardings = state_lib.state_shardings(tx, setup.spec.abstract_params, params_sharding, mesh,
@@ -182,6 +186,8 @@ def main():
   parser.add_argument("--completion_words", type=int, default=30)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--impl", default="auto")
+  parser.add_argument("--layout", choices=("rows", "packed"), default="rows",
+                      help="rows: one pair a row (padded to the longest pair); packed: every pair in one row")
   parser.add_argument("--skip_trl", action="store_true")
   args = parser.parse_args()
 
