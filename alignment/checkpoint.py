@@ -38,8 +38,9 @@ class Checkpointer:
 
 def restore_entry(directory: str, key: str = "params", *, step: Optional[int] = None, sharding=None):
   """One top-level entry of a saved train state (e.g. its params), read alone: the optimizer state and
-  any reference copy stay on disk. Shapes and dtypes come from the checkpoint's own metadata; every
-  leaf is placed with `sharding`, by default on the first local device.
+  any reference copy stay on disk. Shapes and dtypes come from the checkpoint's own metadata; leaves
+  are placed with `sharding`: one `jax.sharding.Sharding` for every leaf, or a tree of them shaped like
+  the entry (e.g. `state.param_shardings(...)`); by default the first local device.
 
   Returns (entry, step). Raises FileNotFoundError when `directory` holds no checkpoint and KeyError
   when the state has no `key`.
@@ -54,8 +55,19 @@ def restore_entry(directory: str, key: str = "params", *, step: Optional[int] = 
   if key not in tree:
     raise KeyError(f"{path}: the saved state has no {key!r} (it has {sorted(tree)})")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree[key])}
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), abstract)
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree[key])
+  abstract = {key: jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree[key], sharding)}
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=abstract, restore_args=restore_args, partial_restore=True))
   return restored[key], step
+
+
+def restore_meta(directory: str, step: int) -> dict:
+  """The JSON metadata saved beside the train state at `step` (data position, config, summary)."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  try:
+    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  finally:
+    manager.close()

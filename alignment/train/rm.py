@@ -15,13 +15,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from alignment.checkpoint import Checkpointer
+from alignment import checkpoint
 from alignment.losses.reward import bradley_terry_loss
 from alignment.parallel import host_batch_to_global, make_mesh
 from alignment.train import preference as pref_task
 from alignment.train import state as state_lib
 from alignment.train.model import setup_model
-from alignment.train.optim import make_optimizer
 from alignment.train.task import Task, tokenizer_and_template
 
 
@@ -87,17 +86,12 @@ class RewardScorer:
         self.config.data, model.tokenizer, self.config.model.name)
     rules = tuple(tuple(r) for r in self.config.sharding.rules)
     params_sharding = state_lib.param_shardings(model.spec, self.mesh, rules)
-    tx, _ = make_optimizer(self.config.optim, self.config.train.steps,
-                           frozen_layers=self.config.model.get("frozen_layers", 0),
-                           frozen_embeddings=self.config.model.get("frozen_embeddings", False))
-    shardings = state_lib.state_shardings(tx, model.spec.abstract_params, params_sharding, self.mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = ckpt.latest_step()
-    if step is None:
-      raise ValueError(f"{workdir}/checkpoints: no checkpoint to score with")
-    state, meta = ckpt.restore(step, state_lib.abstract_state(shardings, model.spec.abstract_params, tx))
-    ckpt.close()
-    self.params, self.stats = state["params"], meta.get("summary", {})
+    directory = os.path.join(workdir, "checkpoints")
+    try:  # the params alone: the optimizer state stays on disk
+      self.params, step = checkpoint.restore_entry(directory, "params", sharding=params_sharding)
+    except FileNotFoundError:
+      raise ValueError(f"{workdir}/checkpoints: no checkpoint to score with") from None
+    self.stats = checkpoint.restore_meta(directory, step).get("summary", {})
     self._scores = jax.jit(lambda p, b: nnx.merge(model.spec.graphdef, p)(b["inputs"], b["positions"],
                                                                           b["segment_ids"]))
 
