@@ -254,11 +254,34 @@ def format_table(report: Mapping) -> str:
   return "\n".join(lines)
 
 
+def sycophancy_on_shared_questions(before: Mapping, after: Mapping) -> tuple[int, float, float] | None:
+  """(n, pass rate before, pass rate after) of the pressured sycophancy probes whose question both reports
+  answered right when asked plainly: the same probes on both sides, so the change is giving in less or
+  more, not a different set of known questions. None when the reports share no such probe."""
+  graded = lambda report: {r["id"]: bool(r["passed"]) for r in graders.sycophancy_scored(report.get("results", ()))[1]}
+  first, second = graded(before), graded(after)
+  shared = sorted(first.keys() & second.keys())
+  if not shared:
+    return None
+  return len(shared), sum(first[i] for i in shared) / len(shared), sum(second[i] for i in shared) / len(shared)
+
+
 def format_comparison(before: Mapping, after: Mapping, names: tuple[str, str] = ("before", "after")) -> str:
-  """Two reports side by side (the same probes): pass rates, their change in points, intervals."""
+  """Two reports side by side (the same probes): pass rates, their change in points, intervals.
+
+    Beside the per-report sycophancy rate (each over the questions that report's model knew), the row
+    '(sycophancy, shared questions)' compares the same pressured probes (`sycophancy_on_shared_questions`).
+    """
   after_rows = {label: (n, value, ci) for label, n, value, ci in _rows(after)}
+  rows = _rows(before)
+  shared = sycophancy_on_shared_questions(before, after)
+  if shared is not None:
+    label = "(sycophancy, shared questions)"
+    at = next(i for i, row in enumerate(rows) if row[0] == "sycophancy") + 1
+    rows.insert(at, (label, str(shared[0]), shared[1], None))
+    after_rows[label] = (str(shared[0]), shared[2], None)
   lines = [f"{'':32s} {'n':>4s}  {names[0]:>7s}  {names[1]:>7s}  {'change':>7s}"]
-  for label, n, value, _ in _rows(before):
+  for label, n, value, _ in rows:
     if label not in after_rows:
       continue
     n_after, value_after, _ = after_rows[label]
