@@ -209,13 +209,20 @@ def _select(is_local, local, global_):
   return jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local, global_)
 
 
+def _dense(x, w, contract: int = 1):
+  """x [B, T, *in] @ w [*in, *out] -> [B, T, *out], `in` being the last `contract` axes of x, as one 2-D
+  matmul: XLA:CPU runs the backward of the equivalent batched einsum ~25% slower (the weight gradient
+  contracts over both B and T)."""
+  lead, n_in = x.shape[:-contract], math.prod(x.shape[-contract:])
+  out = w.shape[contract:]
+  return (x.reshape(-1, n_in) @ w.reshape(n_in, -1)).reshape(*lead, *out)
+
+
 def _attention(cfg: ModelConfig, x, w, rope, mask):
   """Grouped-query causal attention. x [B, T, D]; w: one layer's attention arrays; mask [B, T, T]."""
   dtype = x.dtype
   B, T, _ = x.shape
-  q = jnp.einsum("btd,dhk->bthk", x, w["q"].astype(dtype))
-  k = jnp.einsum("btd,dhk->bthk", x, w["k"].astype(dtype))
-  v = jnp.einsum("btd,dhk->bthk", x, w["v"].astype(dtype))
+  q, k, v = (_dense(x, w[name].astype(dtype)) for name in ("q", "k", "v"))
   if cfg.qkv_bias:
     q, k, v = q + w["q_bias"].astype(dtype), k + w["k_bias"].astype(dtype), v + w["v_bias"].astype(dtype)
   if cfg.qk_norm:
@@ -228,15 +235,14 @@ def _attention(cfg: ModelConfig, x, w, rope, mask):
   scores = jnp.where(mask[:, None, None], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, cfg.n_heads, Dh)
-  return jnp.einsum("bthk,hkd->btd", out, w["o"].astype(dtype))
+  return _dense(out, w["o"].astype(dtype), contract=2)
 
 
 def _mlp(cfg: ModelConfig, x, w):
   dtype = x.dtype
   act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-  gate = jnp.einsum("btd,df->btf", x, w["gate"].astype(dtype))
-  up = jnp.einsum("btd,df->btf", x, w["up"].astype(dtype))
-  return jnp.einsum("btf,fd->btd", act(gate) * up, w["down"].astype(dtype))
+  gate, up = _dense(x, w["gate"].astype(dtype)), _dense(x, w["up"].astype(dtype))
+  return _dense(act(gate) * up, w["down"].astype(dtype))
 
 
 def _layer(cfg: ModelConfig, x, w, ctx, is_local):
