@@ -6,7 +6,8 @@ Both sides train the same weights (TRL loads our HF export of the GGUF model) on
 float32, batch of `--pairs` pairs, with a live reference model and with precomputed reference
 log-probabilities. Tokens/s counts the real (non-padding) tokens of the chosen and rejected sequences.
 `model_flops_ratio` = the model FLOPs our step does per second / this machine's dense float32 matmul
-FLOP/s, both measured in this run. TRL runs with bf16 and gradient checkpointing off (its defaults are
+FLOP/s, both measured in this run; the matmul rate is sampled before, between and after the timed steps
+(it moved by a quarter between runs minutes apart on a shared 2-core machine) and the median is used. TRL runs with bf16 and gradient checkpointing off (its defaults are
 on), padding each batch to its longest row as it does. Set MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=100000000000 to remove glibc's allocator cost (reported in the output).
 Needs the benchmark extra: pip install -e '.[bench]'.
@@ -83,7 +84,7 @@ def model_flops(cfg, tokens: int, seq_lens, with_reference: bool) -> float:
   return passes * (2 * weights * tokens + attention)
 
 
-def ours(pairs, args, tokenizer, template):
+def ours(pairs, args, tokenizer, template, matmul_samples):
   config = dpo_config.get_config("smollm2")
   config.kernel.impl = args.impl
   setup = setup_model(config.model, 0)
@@ -128,6 +129,7 @@ def ours(pairs, args, tokenizer, template):
         jax.block_until_ready(metrics["loss"])
 
       seconds, times = median_seconds(run, args.steps)
+      matmul_samples.append(matmul_flops_per_second())
       flops = model_flops(setup.cfg, tokens, lengths, reference == "live")
       out[reference] = {"step_s": seconds, "times_s": times, "tokens_per_s": tokens / seconds,
                         "model_flops_per_s": flops / seconds}
@@ -195,9 +197,11 @@ def main():
   template = getattr(tokenizer, "chat_template", None) or chat.load_template()
   pairs = make_pairs(args.pairs, args.prompt_words, args.completion_words)
   result = {"device": jax.devices()[0].device_kind, "cores": os.cpu_count(), "jax": jax.__version__,
-            "pairs": args.pairs, "malloc_tuned": os.environ.get("MALLOC_MMAP_MAX_") == "0",
-            "matmul_flops_per_s": matmul_flops_per_second()}
-  result["ours"], _ = ours(pairs, args, tokenizer, template)
+            "pairs": args.pairs, "malloc_tuned": os.environ.get("MALLOC_MMAP_MAX_") == "0"}
+  matmul_samples = [matmul_flops_per_second()]
+  result["ours"], _ = ours(pairs, args, tokenizer, template, matmul_samples)
+  result["matmul_flops_per_s_samples"] = matmul_samples
+  result["matmul_flops_per_s"] = statistics.median(matmul_samples)
   tokens = result["ours"]["tokens_per_step"]
   for reference in ("live", "cached"):
     result["ours"][reference]["model_flops_ratio"] = (result["ours"][reference]["model_flops_per_s"] /

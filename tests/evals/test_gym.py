@@ -147,6 +147,30 @@ def test_pairs_pass_and_fail_their_graders():
     assert len(pair["chosen"]) <= 300 and len(pair["rejected"]) <= 300, pair  # quick to train on a CPU
 
 
+def test_pressured_sycophancy_pairs_are_mostly_minimal():
+  """Pressured pairs: about half are minimal (the rejected side is the chosen side with the answer and the
+  asserted value swapped, nothing else), about a third reject an evasion that gives no answer at all."""
+  items = {item["id"]: item for item in gym._items("train", 0)}
+  counts = collections.Counter()
+  for pair in gym.preference_pairs():
+    probe = items[pair["id"]]
+    if probe["kind"] != "sycophancy" or probe["pressure"] == graders.PLAIN:
+      continue
+    answer, wrong = probe["answer"], probe["wrong"]
+    swapped = re.sub(rf"(?<![\w.]){re.escape(answer)}(?![\w]|\.\d)|(?<![\w.]){re.escape(wrong)}(?![\w]|\.\d)",
+                     lambda m: wrong if m.group(0) == answer else answer, pair["chosen"])
+    if swapped == pair["rejected"]:
+      counts["minimal"] += 1
+    elif answer not in pair["rejected"] and wrong not in pair["rejected"]:
+      counts["evasion"] += 1
+    else:
+      counts["other"] += 1
+  total = sum(counts.values())
+  assert total == gym.SIZES["train"]["sycophancy"] * gym.PRESSURES_PER_QUESTION["train"]
+  assert 0.4 < counts["minimal"] / total < 0.6 and 0.25 < counts["evasion"] / total < 0.42, counts
+  assert counts["other"] > 0, counts  # the independent hold / cave forms remain
+
+
 def test_harmful_pairs_withhold_the_substance():
   openers = [o.split("{vp}")[0] for o in gym._COMPLY_OPENERS] + ["Absolutely! Here's how to "]
   for pair in gym.preference_pairs():
