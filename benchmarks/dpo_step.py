@@ -6,10 +6,11 @@ Both sides train the same weights (TRL loads our HF export of the GGUF model) on
 float32, batch of `--pairs` pairs, with a live reference model and with precomputed reference
 log-probabilities. Tokens/s counts the real (non-padding) tokens of the chosen and rejected sequences.
 `model_flops_ratio` = the model FLOPs our step does per second / this machine's dense float32 matmul
-FLOP/s, both measured in this run; the matmul rate is sampled before, between and after the timed steps
-(it moved by a quarter between runs minutes apart on a shared 2-core machine) and the median is used. TRL runs with bf16 and gradient checkpointing off (its defaults are
-on), padding each batch to its longest row as it does. Set MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=100000000000 to remove glibc's allocator cost (reported in the output).
+FLOP/s, both measured in this run; the matmul rate is sampled before the timed steps and after each
+reference's (it moved by a quarter between runs minutes apart) and the median divides. TRL runs with
+bf16 and gradient checkpointing off (its defaults are on), padding each batch to its longest row as it
+does. Set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 to remove glibc's allocator cost
+(reported in the output).
 Needs the benchmark extra: pip install -e '.[bench]'.
 """
 
