@@ -43,13 +43,13 @@ def get_config(arg=None):
 
 def _gym_preset(c):
   """The demo, sized for a 2-core CPU: every gym pair may train (no held-out pairs: the gym's test
-  templates are the held-out set); 20 steps of two 512-token rows (about 120 of the 400 pairs; Adam moves
-  each weight by about lr a step whatever the batch, and 10 steps of four rows left held-out sycophancy
-  where it was, while 20 steps of two raised it); the embedding and the bottom 20 of 30 layers frozen, so a
-  step is one shared trunk pass for the policy and its reference plus the top 10 layers of each and the
-  backward of the policy's; an NLL term on the chosen side (RPO) so the policy learns to say the chosen
-  answers, not only to avoid the rejected ones. lr 2e-5: at 5e-5 (or with the embedding trained) the
-  refusals spread to benign requests."""
+  templates are the held-out set); 20 steps of two 512-token rows (about 120 of the 400 pairs: twice the
+  Adam steps of four-row batches in the same time; held-out sycophancy rose only with these steps and
+  the gym's v4 pairs together, README); the embedding and the bottom 20 of 30 layers frozen, so a step is
+  one shared trunk pass for the policy and its reference plus the top 10 layers of each and the backward
+  of the policy's; an NLL term on the chosen side (RPO) so the policy learns to say the chosen answers,
+  not only to avoid the rejected ones. lr 2e-5: at 5e-5 (or with the embedding trained) the refusals
+  spread to benign requests."""
   c.data.train_path = "gym:train"
   c.data.eval_fraction = 0.0
   c.data.seq_len, c.data.pairs_per_row, c.data.max_length = 512, 4, 256
