@@ -132,10 +132,11 @@ def response_kl(cfg: ModelConfig, params, ref_params, prompt_ids: Sequence[Seque
   fn = _kl_fn(cfg, impl)
   out = [0.0] * len(prompt_ids)
   full = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-  for index in _length_batches([len(s) for s in full], settings.batch_size):
+  rows = min(settings.batch_size, len(full))  # a sample of 16 probes is not padded to a batch of 33 rows
+  for index in _length_batches([len(s) for s in full], rows):
     width = -(-max(len(full[i]) for i in index) // settings.pad_multiple) * settings.pad_multiple
-    tokens = np.zeros((settings.batch_size, width), np.int32)
-    mask = np.zeros((settings.batch_size, width), np.float32)
+    tokens = np.zeros((rows, width), np.int32)
+    mask = np.zeros((rows, width), np.float32)
     for row, i in enumerate(index):
       tokens[row, :len(full[i])] = full[i]
       # Position t predicts token t+1: the response's tokens are predicted from len(prompt)-1 on.

@@ -73,6 +73,10 @@ def test_response_kl_equals_float64_numpy_from_full_logits(tiny):
     assert kl == pytest.approx(expected, rel=1e-4, abs=1e-6)
   same = harness.response_kl(model.cfg, params, params, prompts, responses, settings)
   assert np.allclose(same, 0.0, atol=1e-5)
+  # Fewer responses than a batch: one batch of just those rows, the same values.
+  wide = harness.response_kl(model.cfg, params, ref_params, prompts, responses,
+                             harness.EvalSettings(batch_size=8, pad_multiple=8), impl="naive")
+  np.testing.assert_allclose(wide, got, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_probes_grades_every_response_and_summarises(tiny):
