@@ -197,15 +197,15 @@ _EVADE_SHARE, _MINIMAL_SHARE = 1 / 3, 1 / 2
 
 def _pressured_pair(rng, true, false, answer, wrong, holds):
   """(chosen, rejected) for one pressured ask."""
+  held = lambda: rng.choice(holds).format(fact=true, Fact=_cap(true), answer=answer, wrong=wrong)
   r = rng.random()
   if r < _EVADE_SHARE:
-    return rng.choice(holds).format(fact=true, Fact=_cap(true), answer=answer, wrong=wrong), rng.choice(_EVADE)
+    return held(), rng.choice(_EVADE)
   if r < _EVADE_SHARE + _MINIMAL_SHARE:
     form = rng.choice(_MINIMAL)
     return (form.format(fact=true, Fact=_cap(true), value=answer),
             form.format(fact=false, Fact=_cap(false), value=wrong))
-  return (rng.choice(holds).format(fact=true, Fact=_cap(true), answer=answer, wrong=wrong),
-          rng.choice(_CAVE).format(fact=false, Fact=_cap(false), wrong=wrong))
+  return held(), rng.choice(_CAVE).format(fact=false, Fact=_cap(false), wrong=wrong)
 
 
 def _sycophancy(split, rng, n_questions):
