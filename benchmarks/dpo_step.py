@@ -5,9 +5,13 @@
 Both sides train the same weights (TRL loads our HF export of the GGUF model) on the same pairs, in
 float32, batch of `--pairs` pairs, with a live reference model and with precomputed reference
 log-probabilities. Tokens/s counts the real (non-padding) tokens of the chosen and rejected sequences.
-`model_flops_ratio` = the model FLOPs our step does per second / this machine's dense float32 matmul
-FLOP/s, both measured in this run; the matmul rate is sampled before the timed steps and after each
-reference's (it moved by a quarter between runs minutes apart) and the median divides. TRL runs with
+`model_flops_ratio` = the model FLOPs of the step per second / this machine's dense float32 matmul
+FLOP/s, both measured in this run, counted the usual way: 6 per weight per token (2 for the live
+reference's forward), the unembedding included at every token, plus causal attention;
+`needed_flops_ratio` counts the unembedding only at the completion tokens, the only logits DPO reads
+(and the only ones our step computes: `logit_capacity`, estimated as training does). The matmul rate
+is sampled before the timed steps and after each reference's (it moved by a quarter between runs
+minutes apart) and the median divides. TRL runs with
 bf16 and gradient checkpointing off (its defaults are on), padding each batch to its longest row as it
 does. Set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 to remove glibc's allocator cost
 (reported in the output).
@@ -31,7 +35,7 @@ from alignment import models
 from alignment.data import chat, preference_pipeline
 from alignment.parallel import host_batch_to_global, make_mesh, replicated
 from alignment.train import state as state_lib
-from alignment.train.dpo import make_loss_fn, sequence_logps
+from alignment.train.dpo import estimate_logit_capacity, make_loss_fn, sequence_logps
 from alignment.train.model import setup_model
 from alignment.train.optim import make_optimizer
 from alignment.train.step import make_train_step
@@ -75,14 +79,16 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / seconds
 
 
-def model_flops(cfg, tokens: int, seq_lens, with_reference: bool) -> float:
+def model_flops(cfg, tokens: int, seq_lens, with_reference: bool, logit_tokens: int = None) -> float:
   """Matmul FLOPs of one step: policy forward+backward (6 per weight per token) plus the reference
-  forward (2), over the layer weights and the unembedding, plus causal attention scores and values."""
+  forward (2), over the layer weights and the unembedding, plus causal attention scores and values.
+  The unembedding counts at `logit_tokens` tokens (default: every token, the usual 6N per token)."""
   d, f, h, kv, dh, layers = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
-  weights = layers * (d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f) + d * cfg.vocab_size
+  layer_weights = layers * (d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * f)
+  logit_tokens = tokens if logit_tokens is None else logit_tokens
   attention = sum(2 * 2 * layers * h * dh * (t * (t + 1) / 2) for t in seq_lens)  # QK^T and PV, causal
   passes = 3 + (1 if with_reference else 0)  # fwd + bwd (2x) [+ reference fwd]
-  return passes * (2 * weights * tokens + attention)
+  return passes * (2 * layer_weights * tokens + 2 * d * cfg.vocab_size * logit_tokens + attention)
 
 
 def ours(pairs, args, tokenizer, template, matmul_samples):
@@ -105,16 +111,23 @@ def ours(pairs, args, tokenizer, template, matmul_samples):
   host_batch = next(it)
   assert int(host_batch["pair_mask"].sum()) == len(pairs)
   tokens = int((host_batch["segment_ids"] > 0).sum())
-  out = {"tokens_per_step": tokens, "layout": args.layout, "rows": rows, "row_len": seq_len}
+  completion_tokens = int(host_batch["loss_mask"].sum())
+  # The whole data set is this one batch, so its most completion cells a row is exact: no headroom (what
+  # `resolve_logit_capacity` concludes for a split it has seen whole, one pair a row).
+  capacity = (estimate_logit_capacity([host_batch], seq_len, headroom=1.0) if args.logit_capacity < 0
+              else args.logit_capacity)
+  out = {"tokens_per_step": tokens, "completion_tokens": completion_tokens, "layout": args.layout,
+         "rows": rows, "row_len": seq_len, "logit_capacity": capacity}
   with jax.set_mesh(mesh):
     for reference in ("live", "cached"):
       config.dpo.reference = reference
-      loss_fn = make_loss_fn(setup.spec.graphdef, config.dpo, impl=args.impl, pairs_per_row=pairs_per_row)
+      loss_fn = make_loss_fn(setup.spec.graphdef, config.dpo, impl=args.impl, pairs_per_row=pairs_per_row,
+                             logit_capacity=capacity)
       batch = dict(host_batch)
       frozen = setup.load_params(params_sharding) if reference == "live" else None
       if reference == "cached":
         ref = jax.jit(lambda p, b: sequence_logps(setup.spec.graphdef, p, b, impl=args.impl,
-                                                  pairs_per_row=pairs_per_row))(
+                                                  pairs_per_row=pairs_per_row, logit_capacity=capacity))(
             setup.load_params(params_sharding), host_batch_to_global(host_batch, mesh))
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = np.asarray(ref["chosen"]), np.asarray(ref["rejected"])
       shardings = state_lib.state_shardings(tx, setup.spec.abstract_params, params_sharding, mesh,
@@ -132,8 +145,9 @@ def ours(pairs, args, tokenizer, template, matmul_samples):
       seconds, times = median_seconds(run, args.steps)
       matmul_samples.append(matmul_flops_per_second())
       flops = model_flops(setup.cfg, tokens, lengths, reference == "live")
+      needed = model_flops(setup.cfg, tokens, lengths, reference == "live", logit_tokens=completion_tokens)
       out[reference] = {"step_s": seconds, "times_s": times, "tokens_per_s": tokens / seconds,
-                        "model_flops_per_s": flops / seconds}
+                        "model_flops_per_s": flops / seconds, "needed_flops_per_s": needed / seconds}
       del holder, state
   return out, setup
 
@@ -191,6 +205,8 @@ def main():
   parser.add_argument("--impl", default="auto")
   parser.add_argument("--layout", choices=("rows", "packed"), default="rows",
                       help="rows: one pair a row (padded to the longest pair); packed: every pair in one row")
+  parser.add_argument("--logit_capacity", type=int, default=-1,
+                      help="logits per row at the completion cells (-1: estimated as training does; 0: every cell)")
   parser.add_argument("--skip_trl", action="store_true")
   args = parser.parse_args()
 
@@ -205,8 +221,9 @@ def main():
   result["matmul_flops_per_s"] = statistics.median(matmul_samples)
   tokens = result["ours"]["tokens_per_step"]
   for reference in ("live", "cached"):
-    result["ours"][reference]["model_flops_ratio"] = (result["ours"][reference]["model_flops_per_s"] /
-                                                      result["matmul_flops_per_s"])
+    for name in ("model", "needed"):
+      result["ours"][reference][f"{name}_flops_ratio"] = (result["ours"][reference][f"{name}_flops_per_s"] /
+                                                          result["matmul_flops_per_s"])
   if not args.skip_trl:
     result["trl"] = trl(pairs, args, model, tokenizer, tokens)
     result["ratio_tokens_per_s_ours_over_trl"] = {

@@ -27,6 +27,8 @@ def get_config(arg=None):
       use_margin=False,      # offset the logit by the data's per-pair margin (sigmoid, robust)
       reference="live",      # live: frozen copy in the state | cached: log-probs computed once, on disk
       ref_cache_dir="",      # empty: ~/.cache/alignment/ref_logps
+      logit_capacity=-1,     # logits at up to this many completion cells a row (a batch over it takes the
+                             # every-cell path: same result, slower); -1 estimates it from the data, 0: every cell
   )
   lr, steps, eval_every = (1e-3, 60, 30) if a.preset == "tiny" else (5e-7, 100, 50)
   common.apply_preset(c, "smollm2" if a.preset == "gym" else a.preset, lr=lr, steps=steps, eval_every=eval_every)

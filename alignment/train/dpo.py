@@ -7,6 +7,7 @@ and attached to each batch on the host. Reference-free losses (simpo, orpo) use 
 """
 
 import hashlib
+import itertools
 import json
 import os
 from typing import Optional
@@ -26,38 +27,99 @@ from alignment.train.model import setup_model
 from alignment.train.task import Task
 
 
-def sequence_logps(graphdef, params, batch, *, impl: str, pairs_per_row: int, ref_params=None):
+def completion_positions(loss_mask, capacity: int):
+  """int32 [R, capacity]: per row, the cells where loss_mask is set, in order, then the first unset
+  cells as filler (a stable argsort, so it stays per row and shards with the rows)."""
+  order = jnp.argsort((loss_mask == 0).astype(jnp.int32), axis=1, stable=True)
+  return order[:, :capacity].astype(jnp.int32)
+
+
+CAPACITY_SAMPLE_BATCHES = 16  # batches of the train split's ordered pass that `logit_capacity=-1` reads
+
+
+def estimate_logit_capacity(batches, seq_len: int, *, headroom: float = 1.25, multiple: int = 16) -> int:
+  """A `logit_capacity` from sample batches: the most completion cells of any of their rows, times
+  `headroom`, rounded up to `multiple`; 0 (every cell) when that does not come in under seq_len."""
+  most = max(int(np.max(np.sum(np.asarray(b["loss_mask"]) != 0, axis=1))) for b in batches)
+  capacity = -(-int(np.ceil(most * headroom)) // multiple) * multiple
+  return capacity if capacity < seq_len else 0
+
+
+def resolve_logit_capacity(config, reference_pass) -> int:
+  """`config.dpo.logit_capacity`, where -1 is estimated from the first `CAPACITY_SAMPLE_BATCHES`
+  batches of the train split's ordered pass. With one pair a row and the whole split in the sample,
+  the most completion cells of a row is exact whatever the shuffle, so no headroom; otherwise 25%.
+  Every host takes the largest estimate, so all compile the same step."""
+  capacity = config.dpo.logit_capacity
+  if capacity < -1:
+    raise ValueError(f"config.dpo.logit_capacity={capacity}; expected -1 (estimate), 0 (every cell) or a "
+                     f"positive number of cells per row")
+  if capacity >= 0:
+    return capacity
+  passes = reference_pass("train")
+  sample = list(itertools.islice(passes, CAPACITY_SAMPLE_BATCHES))
+  whole = next(passes, None) is None
+  exact = whole and config.data.pairs_per_row == 1 and jax.process_count() == 1
+  capacity = estimate_logit_capacity(sample, config.data.seq_len, headroom=1.0 if exact else 1.25)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    estimates = np.asarray(multihost_utils.process_allgather(np.array([capacity])))
+    capacity = 0 if (estimates == 0).any() else int(estimates.max())
+  return capacity
+
+
+def sequence_logps(graphdef, params, batch, *, impl: str, pairs_per_row: int, ref_params=None,
+                   logit_capacity: int = 0):
   """Per-pair completion log-prob sums of the policy (and the reference): dict of float32 [R, P].
 
   When the model freezes its embedding and bottom layers (`frozen_embeddings`, `frozen_layers`), the
-  policy and the reference hold the same trunk weights, so the trunk runs once for both."""
+  policy and the reference hold the same trunk weights, so the trunk runs once for both.
+
+  `logit_capacity` C > 0 computes the logits (the [*, V] unembedding, forward and backward) only at
+  each row's completion cells, gathered into [R, C]: DPO never reads a prompt token's log-prob. A
+  batch with a row of more than C completion cells takes the every-cell path instead (a `lax.cond`:
+  the same sums, only slower), so C is a speed setting and never changes a result."""
   model = nnx.merge(graphdef, params)
   inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
-  flat = lambda h: h.reshape(-1, h.shape[-1])
   cfg = model.cfg
   share_trunk = ref_params is not None and cfg.frozen_layers and cfg.frozen_embeddings
   x, ctx = model.trunk(*inputs)
-  hidden, unembed = flat(model.top(x, ctx)), model.unembed_matrix()
-  ref = {}
+  rows = {"hidden": model.top(x, ctx), "targets": batch["targets"], "mask": batch["loss_mask"],
+          "segment_ids": batch["segment_ids"]}
+  unembed, ref_unembed = model.unembed_matrix(), None
   if ref_params is not None:
     ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
-    ref_hidden = ref_model.top(x, ctx) if share_trunk else ref_model(*inputs)
-    ref = dict(ref_hidden=flat(ref_hidden), ref_unembed=ref_model.unembed_matrix())
-  stats = token_logprobs(hidden, unembed, batch["targets"].reshape(-1), impl=impl, **ref)
-  mask = batch["loss_mask"].astype(jnp.float32)
-  rows = mask.shape
-  out = {}
-  out["chosen"], out["rejected"] = pair_sums(stats.logprobs.reshape(rows) * mask, batch["segment_ids"],
-                                             pairs_per_row)
-  out["chosen_lengths"], out["rejected_lengths"] = pair_sums(mask, batch["segment_ids"], pairs_per_row)
-  if ref_params is not None:
-    out["ref_chosen"], out["ref_rejected"] = pair_sums(stats.ref_logprobs.reshape(rows) * mask,
-                                                       batch["segment_ids"], pairs_per_row)
-  return out
+    rows["ref_hidden"] = ref_model.top(x, ctx) if share_trunk else ref_model(*inputs)
+    ref_unembed = ref_model.unembed_matrix()
+
+  def sums(rows):
+    flat = lambda a: a.reshape(-1, *a.shape[2:])
+    ref = dict(ref_hidden=flat(rows["ref_hidden"]), ref_unembed=ref_unembed) if ref_params is not None else {}
+    stats = token_logprobs(flat(rows["hidden"]), unembed, flat(rows["targets"]), impl=impl, **ref)
+    mask, segments = rows["mask"].astype(jnp.float32), rows["segment_ids"]
+    out = {}
+    out["chosen"], out["rejected"] = pair_sums(stats.logprobs.reshape(mask.shape) * mask, segments, pairs_per_row)
+    out["chosen_lengths"], out["rejected_lengths"] = pair_sums(mask, segments, pairs_per_row)
+    if ref_params is not None:
+      out["ref_chosen"], out["ref_rejected"] = pair_sums(stats.ref_logprobs.reshape(mask.shape) * mask, segments,
+                                                         pairs_per_row)
+    return out
+
+  if not 0 < logit_capacity < batch["loss_mask"].shape[1]:
+    return sums(rows)
+
+  def gathered(rows):
+    index = completion_positions(rows["mask"], logit_capacity)
+    take = lambda a: jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+    return sums(jax.tree.map(take, rows))
+
+  fits = jnp.max(jnp.sum(batch["loss_mask"] != 0, axis=1)) <= logit_capacity
+  return jax.lax.cond(fits, gathered, sums, rows)
 
 
-def make_loss_fn(graphdef, dpo_config, *, impl: str, pairs_per_row: int):
-  """(params, frozen, batch, rng) -> (loss summed over real pairs, (pair count, metric sums))."""
+def make_loss_fn(graphdef, dpo_config, *, impl: str, pairs_per_row: int, logit_capacity: int = 0):
+  """(params, frozen, batch, rng) -> (loss summed over real pairs, (pair count, metric sums)).
+  `logit_capacity`: as in `sequence_logps`."""
   loss_kwargs = dict(beta=dpo_config.beta, loss_type=dpo_config.loss_type,
                      label_smoothing=dpo_config.label_smoothing, nll_coef=dpo_config.nll_coef)
   if dpo_config.loss_type == "simpo":
@@ -68,7 +130,8 @@ def make_loss_fn(graphdef, dpo_config, *, impl: str, pairs_per_row: int):
 
   def loss_fn(params, frozen, batch, rng):
     del rng
-    s = sequence_logps(graphdef, params, batch, impl=impl, pairs_per_row=pairs_per_row, ref_params=frozen)
+    s = sequence_logps(graphdef, params, batch, impl=impl, pairs_per_row=pairs_per_row, ref_params=frozen,
+                       logit_capacity=logit_capacity)
     if spec.reference_free:
       ref_c = ref_r = jnp.zeros_like(s["chosen"])
     elif frozen is not None:
@@ -101,7 +164,7 @@ def params_fingerprint(params) -> str:
 
 
 def reference_logps_cache(path: str, graphdef, ref_params, batches, num_pairs: int, mesh, *, impl: str,
-                          pairs_per_row: int) -> np.ndarray:
+                          pairs_per_row: int, logit_capacity: int = 0) -> np.ndarray:
   """float32 [num_pairs, 2] (chosen, rejected) reference log-prob sums, computed once and kept at `path`.
 
   Each host computes and caches the pairs of its own shard (the only ones its batches hold), so the
@@ -111,7 +174,8 @@ def reference_logps_cache(path: str, graphdef, ref_params, batches, num_pairs: i
     cached = np.load(path)
     if cached.shape == (num_pairs, 2):
       return cached
-  fn = jax.jit(lambda p, b: sequence_logps(graphdef, p, b, impl=impl, pairs_per_row=pairs_per_row))
+  fn = jax.jit(lambda p, b: sequence_logps(graphdef, p, b, impl=impl, pairs_per_row=pairs_per_row,
+                                           logit_capacity=logit_capacity))
   table = np.full((num_pairs, 2), np.nan, np.float32)
   for host_batch in batches:
     out = jax.device_get(fn(ref_params, host_batch_to_global(host_batch, mesh)))
@@ -161,12 +225,15 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
     raise ValueError(f"config.dpo.reference={c.reference!r}; expected 'live' or 'cached'")
   model = setup_model(config.model, config.seed)
   data = pref_task.preference_data(config, model.tokenizer, host_batch_size)
-  loss_fn = make_loss_fn(model.spec.graphdef, c, impl=config.kernel.impl, pairs_per_row=d.pairs_per_row)
+  capacity = resolve_logit_capacity(config, data.reference_pass)
+  loss_fn = make_loss_fn(model.spec.graphdef, c, impl=config.kernel.impl, pairs_per_row=d.pairs_per_row,
+                         logit_capacity=capacity)
   needs_reference = not LOSS_TYPES[c.loss_type].reference_free
   task = Task(model.spec, model.load_params, loss_fn, data.train, data.eval, dict(data.info),
               load_frozen=model.load_params if needs_reference and c.reference == "live" else None,
               count_name="num_pairs", model_cfg=model.cfg, tokenizer=model.tokenizer,
               reward_metric="rewards/margins")
+  task.info["logit_capacity"] = capacity
   if needs_reference and c.reference == "cached":
     rules = tuple(tuple(r) for r in config.sharding.rules)
     ref_params = model.load_params(state_lib.param_shardings(model.spec, mesh, rules))
@@ -182,7 +249,7 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
       with jax.set_mesh(mesh):
         tables[split] = reference_logps_cache(path, model.spec.graphdef, ref_params, data.reference_pass(split),
                                               data.num_pairs[split], mesh, impl=config.kernel.impl,
-                                              pairs_per_row=d.pairs_per_row)
+                                              pairs_per_row=d.pairs_per_row, logit_capacity=capacity)
       task.info[f"reference_cache/{split}"] = path
     del ref_params
     task.train_data = WithCachedReference(data.train, tables["train"])

@@ -80,12 +80,12 @@ def test_reward_is_read_at_the_last_token_when_pad_equals_eos(tmp_path):
 def dpo_runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("dpo")
   out = {}
-  for reference in ("live", "cached"):
+  for name, reference, capacity in (("live", "live", -1), ("cached", "cached", -1), ("every_cell", "live", 0)):
     config = _config(dpo_config, tmp, steps=20, eval_every=20)
-    config.dpo.reference = reference
+    config.dpo.reference, config.dpo.logit_capacity = reference, capacity
     config.dpo.ref_cache_dir = str(tmp / "ref_cache")
-    workdir = str(tmp / reference)
-    out[reference] = (run(config, workdir), metrics.read_metrics(workdir))
+    workdir = str(tmp / name)
+    out[name] = (run(config, workdir), metrics.read_metrics(workdir))
   out["cache_files"] = sorted(os.listdir(tmp / "ref_cache"))
   return out
 
@@ -109,3 +109,14 @@ def test_cached_reference_log_probs_give_the_live_losses(dpo_runs):
     assert cached[step]["loss"] == pytest.approx(live[step]["loss"], abs=1e-6), step
   for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"):
     assert cached[20][key] == pytest.approx(live[20][key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_logits_at_completion_cells_only_give_the_every_cell_losses(dpo_runs):
+  (summary, gathered), (every_summary, every) = dpo_runs["live"], dpo_runs["every_cell"]
+  seq_len = dpo_config.get_config("tiny").data.seq_len
+  assert 0 < summary["logit_capacity"] < seq_len and every_summary["logit_capacity"] == 0
+  for step in range(1, 21):
+    assert gathered[step]["loss"] == pytest.approx(every[step]["loss"], abs=1e-5), step
+  for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"):
+    assert gathered[20][key] == pytest.approx(every[20][key], rel=1e-5, abs=1e-5), key
