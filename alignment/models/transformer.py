@@ -21,6 +21,10 @@ from alignment.models.config import ModelConfig
 
 _F32 = jnp.float32
 _MASKED = float(np.finfo(np.float32).min)
+# Attention runs its queries in this many blocks (rows of at least 128 tokens that divide evenly): block i
+# reads keys up to its own end only, skipping key blocks that causality masks anyway (3/8 of the scores
+# at 4 blocks). On 4 rows of 256 tokens XLA:CPU ran SmolLM2's attention core ~30% faster, fwd and bwd.
+_QUERY_BLOCKS = 4
 
 
 class ParamSpec(NamedTuple):
@@ -231,11 +235,20 @@ def _attention(cfg: ModelConfig, x, w, rope, mask):
   # Query head h = kv_head * G + g, as HF's repeat_kv; K and V are never repeated.
   KV, Dh = cfg.n_kv_heads, cfg.head_dim
   q = q.reshape(B, T, KV, cfg.n_heads // KV, Dh)
+  blocks = _QUERY_BLOCKS if T % _QUERY_BLOCKS == 0 and T >= _QUERY_BLOCKS * 32 else 1
+  size = T // blocks
+  out = jnp.concatenate([_attend(cfg, q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size],
+                                 mask[:, i * size:(i + 1) * size, :(i + 1) * size]) for i in range(blocks)], axis=1)
+  return _dense(out.reshape(B, T, cfg.n_heads, Dh), w["o"].astype(dtype), contract=2)
+
+
+def _attend(cfg: ModelConfig, q, k, v, mask):
+  """softmax(q k^T * scale) v over the keys `mask` allows. q [B, Tq, KV, G, Dh]; k, v [B, Tk, KV, Dh];
+  mask [B, Tq, Tk] -> [B, Tq, KV, G, Dh]."""
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_F32) * cfg.attn_scale
   scores = jnp.where(mask[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, cfg.n_heads, Dh)
-  return _dense(out, w["o"].astype(dtype), contract=2)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
 def _mlp(cfg: ModelConfig, x, w):

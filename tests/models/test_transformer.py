@@ -14,6 +14,7 @@ from flax import nnx
 
 from alignment import models
 from alignment.models import ModelConfig, ScalarHead, Transformer, get_model_config
+from alignment.models import transformer
 from alignment.models.transformer import param_specs
 
 LLAMA = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=40,
@@ -178,6 +179,31 @@ def test_packed_rows_match_separate_runs_and_padding_is_finite(name):
   # Real tokens never see padding: other pad token ids change nothing.
   tokens[0, 9:] = [3, 11]
   np.testing.assert_array_equal(fwd(tokens, positions, segments)[0, :9], out[0, :9])
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_rows_long_enough_for_query_blocks_match_the_reference(name):
+  cfg = CONFIGS[name]
+  T = 128  # attention runs in query blocks (transformer._QUERY_BLOCKS > 1): packed segments cross blocks
+  assert transformer._QUERY_BLOCKS > 1 and T % transformer._QUERY_BLOCKS == 0
+  model = random_model(cfg, seed=3)
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
+  lengths = (45, 70)  # then 13 cells of padding
+  segments = np.zeros((1, T), np.int32)
+  positions = np.zeros((1, T), np.int32)
+  start = 0
+  for seg, n in enumerate(lengths, start=1):
+    segments[0, start:start + n], positions[0, start:start + n] = seg, np.arange(n)
+    start += n
+  got = jitted(model)(tokens, positions, segments)
+  p = numpy_params(model)
+  start = 0
+  for n in lengths:
+    want = np_forward(cfg, p, tokens[0, start:start + n], np.arange(n), np.ones(n, int))
+    np.testing.assert_allclose(got[0, start:start + n], want, atol=1e-4, rtol=0)
+    start += n
+  assert np.isfinite(got).all()
 
 
 # (c) scan vs loop, remat modes: same outputs and gradients.
