@@ -39,10 +39,11 @@ CAPACITY_SAMPLE_BATCHES = 16  # batches of the train split's ordered pass that `
 
 def estimate_logit_capacity(batches, seq_len: int, *, headroom: float = 1.25, multiple: int = 16) -> int:
   """A `logit_capacity` from sample batches: the most completion cells of any of their rows, times
-  `headroom`, rounded up to `multiple`; 0 (every cell) when that does not come in under seq_len."""
-  most = max(int(np.max(np.sum(np.asarray(b["loss_mask"]) != 0, axis=1))) for b in batches)
+  `headroom`, rounded up to `multiple`; 0 (every cell) when that does not come in under seq_len or
+  there is no batch."""
+  most = max((int(np.max(np.sum(np.asarray(b["loss_mask"]) != 0, axis=1))) for b in batches), default=0)
   capacity = -(-int(np.ceil(most * headroom)) // multiple) * multiple
-  return capacity if capacity < seq_len else 0
+  return capacity if 0 < capacity < seq_len else 0
 
 
 def resolve_logit_capacity(config, reference_pass) -> int:

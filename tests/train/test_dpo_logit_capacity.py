@@ -9,7 +9,8 @@ from flax import nnx
 
 from alignment.parallel import host_batch_to_global, make_mesh
 from alignment.train import state as state_lib
-from alignment.train.dpo import completion_positions, sequence_logps
+from alignment.train.dpo import completion_positions, resolve_logit_capacity, sequence_logps
+from configs import dpo as dpo_config
 from configs.common import SHARDING_RULES
 from tests.train.helpers import packed_row, random_examples, stack, tiny_model, vocab_size
 
@@ -45,6 +46,31 @@ def _numpy_sums(setup, params, batch):
 def test_completion_positions_lists_each_rows_masked_cells_in_order():
   mask = np.array([[0, 1, 1, 0, 1, 0], [1, 0, 0, 0, 0, 1]], np.float32)
   np.testing.assert_array_equal(completion_positions(jnp.asarray(mask), 4), [[1, 2, 4, 0], [0, 5, 1, 2]])
+
+
+def test_resolve_logit_capacity_reads_the_data_and_rejects_bad_values():
+  def batches(counts, seq_len=256):  # one batch a count: a row with that many completion cells
+    for n in counts:
+      mask = np.zeros((2, seq_len), np.int32)
+      mask[0, :n] = 1
+      yield {"loss_mask": mask}
+
+  config = dpo_config.get_config("tiny")
+  config.data.seq_len, config.data.pairs_per_row = 256, 1
+  split = [40, 70, 55]
+  # The whole split seen, one pair a row: exact (70 -> 80, rounded up to 16s).
+  assert resolve_logit_capacity(config, lambda name: batches(split)) == 80
+  # More batches than the sample reads: 25% headroom (70 * 1.25 = 87.5 -> 96).
+  long_split = split + [10] * 20
+  assert resolve_logit_capacity(config, lambda name: batches(long_split)) == 96
+  config.data.pairs_per_row = 2  # rows the shuffle packs differently from the ordered pass: headroom
+  assert resolve_logit_capacity(config, lambda name: batches(split)) == 96
+  assert resolve_logit_capacity(config, lambda name: batches([220])) == 0  # no saving: every cell
+  config.dpo.logit_capacity = 48
+  assert resolve_logit_capacity(config, None) == 48
+  config.dpo.logit_capacity = -2
+  with pytest.raises(ValueError, match=r"config.dpo.logit_capacity=-2"):
+    resolve_logit_capacity(config, None)
 
 
 @pytest.mark.parametrize("impl", ["naive", "xla"])
