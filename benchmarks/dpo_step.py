@@ -11,10 +11,9 @@ reference's forward), the unembedding included at every token, plus causal atten
 `needed_flops_ratio` counts the unembedding only at the completion tokens, the only logits DPO reads
 (and the only ones our step computes: `logit_capacity`, estimated as training does). The matmul rate
 is sampled before the timed steps and after each reference's (it moved by a quarter between runs
-minutes apart) and the median divides. TRL runs with
-bf16 and gradient checkpointing off (its defaults are on), padding each batch to its longest row as it
-does. Set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 to remove glibc's allocator cost
-(reported in the output).
+minutes apart) and the median divides. TRL runs with bf16 and gradient checkpointing off (its defaults
+are on), padding each batch to its longest row as it does. Set MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=100000000000 to remove glibc's allocator cost (reported in the output).
 Needs the benchmark extra: pip install -e '.[bench]'.
 """
 
@@ -26,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,7 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / seconds
 
 
-def model_flops(cfg, tokens: int, seq_lens, with_reference: bool, logit_tokens: int = None) -> float:
+def model_flops(cfg, tokens: int, seq_lens, with_reference: bool, logit_tokens: Optional[int] = None) -> float:
   """Matmul FLOPs of one step: policy forward+backward (6 per weight per token) plus the reference
   forward (2), over the layer weights and the unembedding, plus causal attention scores and values.
   The unembedding counts at `logit_tokens` tokens (default: every token, the usual 6N per token)."""
