@@ -84,7 +84,7 @@ def base_config():
   c.model.name = "tiny-random"   # a preset, a registered model name, a .gguf file or an HF directory
   c.model.dtype = "float32"      # compute dtype
   c.model.param_dtype = "float32"
-  c.model.remat = "none"         # none | full | dots
+  c.model.remat = "all_dots"     # none | full | dots | all_dots (alignment/models/config.py)
   c.model.scan_layers = True
   c.model.frozen_layers = 0      # the first n layers get no gradient (only the layers above are trained)
   c.model.frozen_embeddings = False  # nor does the embedding table (tied: the unembedding too)

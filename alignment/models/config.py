@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16")
-REMATS = ("none", "full", "dots")
+REMATS = ("none", "full", "dots", "all_dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,10 @@ class ModelConfig:
   query_pre_attn_scalar: Optional[float] = None
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype; softmax, norms and RoPE always run in float32
-  remat: str = "none"  # 'none' | 'full' (recompute each layer) | 'dots' (save weight matmuls)
+  # What the backward keeps of each layer's forward: 'none' (everything autodiff saves), 'full' (only the
+  # layer's input: recompute the layer), 'dots' (the weight matmuls' outputs), 'all_dots' (every matmul's
+  # output, attention scores and outputs too; norms, RoPE, activations and softmax are recomputed).
+  remat: str = "none"
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compile) or a Python loop
   frozen_layers: int = 0  # training: the first n layers get no gradient (Transformer.trunk)
   frozen_embeddings: bool = False  # training: nor does the embedding table (with it, a tied unembedding)

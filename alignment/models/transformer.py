@@ -273,12 +273,17 @@ def _layer(cfg: ModelConfig, x, w, ctx, is_local):
   return x + h
 
 
+# remat -> the jax.checkpoint policy (None: save nothing but the layer's input). 'all_dots' trades the
+# elementwise intermediates autodiff would store (several [T, d_ff] arrays a layer) for recomputing them,
+# which on CPU is faster than writing and reading them back: benchmarks/RESULTS.md, dpo_step.
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                   "all_dots": jax.checkpoint_policies.dots_saveable}
+
+
 def _remat(cfg: ModelConfig, fn):
   if cfg.remat == "none":
     return fn
-  # 'dots' keeps the weight matmuls (dot_generals without batch dims) and recomputes the rest.
-  policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  return jax.checkpoint(fn, policy=policy, prevent_cse=not cfg.scan_layers)
+  return jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 def _apply_layers(cfg: ModelConfig, x, weights, ctx, flags):

@@ -210,7 +210,7 @@ def test_rows_long_enough_for_query_blocks_match_the_reference(name):
 
 @pytest.mark.parametrize("name,variants", [
     ("gemma3", [(True, "dots")]),  # local + global layers: the flag is a scanned input
-    ("llama", [(True, "full")]),  # all layers alike: the flag is static
+    ("llama", [(True, "full"), (True, "all_dots"), (False, "all_dots")]),  # all layers alike: a static flag
 ])
 def test_scan_and_remat_give_same_outputs_and_gradients(name, variants):
   base = dataclasses.replace(CONFIGS[name], scan_layers=False, remat="none")
@@ -237,6 +237,32 @@ def test_scan_and_remat_give_same_outputs_and_gradients(name, variants):
     text = str(jaxpr)
     assert ("scan" in text) == scan_layers
     assert (("checkpoint" in text) or ("remat" in text)) == (remat != "none")
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_policies_keep_the_residuals_they_name(scan_layers):
+  """What the backward stores: the arrays the vjp function holds (its pytree leaves), counted by size.
+  Per layer, 'all_dots' keeps two [B, T, d_ff] arrays (the gate and up matmuls' outputs; no remat also
+  keeps the activation's intermediates) and the attention scores; 'dots' keeps the weight matmuls but not
+  the scores; 'full' keeps neither; each keeps less than the one before it."""
+  cfg = dataclasses.replace(LLAMA, scan_layers=scan_layers)
+  graphdef, params = nnx.split(random_model(cfg), nnx.Param)
+  B, T, L = 2, 7, cfg.n_layers
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 61, (B, T)), jnp.int32)
+
+  def residuals(remat):
+    def loss(p):
+      model = nnx.merge(graphdef, p)
+      model.cfg = dataclasses.replace(cfg, remat=remat)
+      return jnp.sum(model(tokens) ** 2)
+    sizes = [math.prod(a.shape) for a in jax.tree.leaves(jax.vjp(loss, nnx.to_pure_dict(params))[1])]
+    # Arrays of one layer's `size` a layer (a scan stacks each over the L layers).
+    per_layer = lambda size: sum(n for n in sizes if n in (size, L * size)) / (L * size)
+    return per_layer(B * T * cfg.d_ff), per_layer(B * cfg.n_heads * T * T), sum(sizes)
+
+  none, all_dots, dots, full = (residuals(r) for r in ("none", "all_dots", "dots", "full"))
+  assert all_dots[:2] == (2, 1) and dots[:2] == (2, 0) and full[:2] == (0, 0), (all_dots, dots, full)
+  assert none[0] > 2 and none[1] >= 1 and full[2] < dots[2] < all_dots[2] < none[2], (none, all_dots, dots, full)
 
 
 @pytest.mark.parametrize("name,frozen", [("llama", 1), ("gemma3", 2)])
