@@ -1,6 +1,6 @@
 """One DPO training step on SmolLM2-135M-Instruct on CPU: ours against TRL's DPOTrainer. Prints JSON.
 
-  python benchmarks/dpo_step.py [--pairs 4] [--steps 3] [--layout rows|packed] [--skip_trl]
+  python benchmarks/dpo_step.py [--pairs 4] [--steps 3] [--layout rows|packed] [--remat R] [--skip_trl]
 
 Both sides train the same weights (TRL loads our HF export of the GGUF model) on the same pairs, in
 float32, batch of `--pairs` pairs, with a live reference model and with precomputed reference
@@ -33,6 +33,7 @@ import numpy as np
 
 from alignment import models
 from alignment.data import chat, preference_pipeline
+from alignment.models.config import REMATS
 from alignment.parallel import host_batch_to_global, make_mesh, replicated
 from alignment.train import state as state_lib
 from alignment.train.dpo import estimate_logit_capacity, make_loss_fn, sequence_logps
@@ -94,6 +95,7 @@ def model_flops(cfg, tokens: int, seq_lens, with_reference: bool, logit_tokens: 
 def ours(pairs, args, tokenizer, template, matmul_samples):
   config = dpo_config.get_config("smollm2")
   config.kernel.impl = args.impl
+  config.model.remat = args.remat or config.model.remat
   setup = setup_model(config.model, 0)
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   params_sharding = state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES)
@@ -117,7 +119,7 @@ def ours(pairs, args, tokenizer, template, matmul_samples):
   capacity = (estimate_logit_capacity([host_batch], seq_len, headroom=1.0) if args.logit_capacity < 0
               else args.logit_capacity)
   out = {"tokens_per_step": tokens, "completion_tokens": completion_tokens, "layout": args.layout,
-         "rows": rows, "row_len": seq_len, "logit_capacity": capacity}
+         "rows": rows, "row_len": seq_len, "logit_capacity": capacity, "remat": config.model.remat}
   with jax.set_mesh(mesh):
     for reference in ("live", "cached"):
       config.dpo.reference = reference
@@ -207,6 +209,8 @@ def main():
                       help="rows: one pair a row (padded to the longest pair); packed: every pair in one row")
   parser.add_argument("--logit_capacity", type=int, default=-1,
                       help="logits per row at the completion cells (-1: estimated as training does; 0: every cell)")
+  parser.add_argument("--remat", choices=REMATS,
+                      help="what the backward keeps of the forward (default: the smollm2 preset's)")
   parser.add_argument("--skip_trl", action="store_true")
   args = parser.parse_args()
 
