@@ -256,7 +256,7 @@ def test_remat_policies_keep_the_residuals_they_name(scan_layers):
       model.cfg = dataclasses.replace(cfg, remat=remat)
       return jnp.sum(model(tokens) ** 2)
     sizes = [math.prod(a.shape) for a in jax.tree.leaves(jax.vjp(loss, nnx.to_pure_dict(params))[1])]
-    # Arrays of one layer's `size` a layer (a scan stacks each over the L layers).
+    # How many arrays of `size` elements each layer keeps (a scan stacks each one over the L layers).
     per_layer = lambda size: sum(n for n in sizes if n in (size, L * size)) / (L * size)
     return per_layer(B * T * cfg.d_ff), per_layer(B * cfg.n_heads * T * T), sum(sizes)
 
