@@ -209,7 +209,7 @@ def test_rows_long_enough_for_query_blocks_match_the_reference(name):
 # (c) scan vs loop, remat modes: same outputs and gradients.
 
 @pytest.mark.parametrize("name,variants", [
-    ("gemma3", [(True, "dots")]),  # local + global layers: the flag is a scanned input
+    ("gemma3", [(True, "dots"), (True, "all_dots")]),  # local + global layers: the flag is a scanned input
     ("llama", [(True, "full"), (True, "all_dots"), (False, "all_dots")]),  # all layers alike: a static flag
 ])
 def test_scan_and_remat_give_same_outputs_and_gradients(name, variants):
