@@ -1,19 +1,21 @@
-"""Orbax checkpoints of the train state plus JSON metadata (data position, config)."""
+"""Orbax checkpoints of the train state plus JSON metadata (data position, summary), local or behind a
+URI (orbax takes `etils.epath` paths)."""
 
-import os
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from alignment import workdir as workdir_lib
+
 
 class Checkpointer:
   """Saves {state, meta} every call to `save`; restores onto any mesh from an abstract state."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    self.manager = ocp.CheckpointManager(workdir_lib.resolve(directory), options=options)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -28,6 +30,16 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True at the step every host stops at after any of them got SIGTERM (JAX's
+    preemption service, started by `jax.distributed.initialize`, agrees on it)."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until an async save in flight is on disk."""
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+
   def close(self) -> None:
     """Waits for an async save in flight; safe to call more than once."""
     if self.manager is not None:
@@ -36,21 +48,22 @@ class Checkpointer:
       self.manager = None
 
 
-def restore_entry(directory: str, key: str = "params", *, step: Optional[int] = None, sharding=None):
-  """One top-level entry of a saved train state (e.g. its params), read alone: the optimizer state and
-  any reference copy stay on disk. Shapes and dtypes come from the checkpoint's own metadata; leaves
-  are placed with `sharding`: one `jax.sharding.Sharding` for every leaf, or a tree of them shaped like
-  the entry (e.g. `state.param_shardings(...)`); by default the first local device.
+def restore_entry(directory, key: str, *, step: Optional[int] = None, sharding=None):
+  """One top-level entry of a saved train state (e.g. its 'policy'), read alone: the optimizer state and
+  any other part stay on disk. Shapes and dtypes come from the checkpoint's own metadata; leaves are
+  placed with `sharding`: one `jax.sharding.Sharding` for every leaf, or a tree of them shaped like the
+  entry (e.g. `state.param_shardings(...)`); by default the first local device.
 
   Returns (entry, step). Raises FileNotFoundError when `directory` holds no checkpoint and KeyError
   when the state has no `key`.
   """
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  directory = workdir_lib.resolve(directory)
+  manager = ocp.CheckpointManager(directory)
   step = manager.latest_step() if step is None else step
   manager.close()
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")
-  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  path = directory / str(step) / "state"
   tree = dict(ocp.StandardCheckpointer().metadata(path).item_metadata)
   if key not in tree:
     raise KeyError(f"{path}: the saved state has no {key!r} (it has {sorted(tree)})")
@@ -64,9 +77,9 @@ def restore_entry(directory: str, key: str = "params", *, step: Optional[int] = 
   return restored[key], step
 
 
-def restore_meta(directory: str, step: int) -> dict:
-  """The JSON metadata saved beside the train state at `step` (data position, config, summary)."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+def restore_meta(directory, step: int) -> dict:
+  """The JSON metadata saved beside the train state at `step` (data position, summary)."""
+  manager = ocp.CheckpointManager(workdir_lib.resolve(directory))
   try:
     return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
   finally:

@@ -4,7 +4,6 @@ Overrides: --config.optim.lr=1e-5 (unknown keys and wrong types are refused befo
 """
 
 import json
-import os
 import re
 import sys
 
@@ -17,19 +16,13 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and Tenso
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _task_builders():
-  from alignment.train import dpo, rm, sft  # imported here so that --help and flag errors stay fast
-  return {"sft": sft.build_task, "rm": rm.build_task, "dpo": dpo.build_task}
-
-
 def run(config, workdir: str) -> dict:
-  builders = _task_builders()
-  if config.algorithm not in builders:
-    raise ValueError(f"config.algorithm={config.algorithm!r}; expected one of {sorted(builders)}")
-  from alignment.parallel import initialize_distributed
-  from alignment.train.loop import train
+  """Runs `config.algorithm` (found in `alignment.train.registry`) in `workdir`; returns its summary."""
+  from alignment.parallel import initialize_distributed  # imported here so that --help and flag errors stay fast
+  from alignment.train import registry
+  algorithm = registry.get(config.algorithm)
   initialize_distributed()
-  return train(config, workdir, builders[config.algorithm])
+  return algorithm(config, workdir)
 
 
 def parse_flags(argv):
@@ -58,7 +51,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO
   try:
     summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(json.dumps(summary, indent=2))
@@ -75,7 +68,7 @@ def print_gym_comparison(summary: dict) -> None:
   print(f"\nAlignment gym ({first['num_probes']} probes of {flags.FLAGS.config.evals.suite or 'evals.probes'}, "
         f"greedy), step {first['step']} vs step {last['step']}:")
   print(harness.format_comparison(first, last, names=(f"step {first['step']}", f"step {last['step']}")))
-  print(f"\nRun: {summary['workdir']} (reports: {os.path.dirname(paths[-1])}, metrics.jsonl, TensorBoard)")
+  print(f"\nRun: {summary['workdir']} (reports: {paths[-1].rsplit('/', 1)[0]}, metrics.jsonl, TensorBoard)")
 
 
 if __name__ == "__main__":

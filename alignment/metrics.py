@@ -1,43 +1,111 @@
-"""Per-step metrics to WORKDIR/metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow)."""
+"""Per-step metrics to WORKDIR/metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow),
+local or behind a URI (`gs://...`: written through etils.epath)."""
 
+import io
 import json
-import os
+import math
 import time
 
 import jax
 import numpy as np
 
+from alignment import workdir as workdir_lib
+
+REMOTE_FLUSH_SECS = 30  # a remote object is rewritten whole: at most this often (and on close)
+
 
 class MetricsWriter:
-  """Appends one JSON object per logged step; only process 0 writes."""
+  """Writes one JSON object per logged step; only process 0 writes.
 
-  def __init__(self, workdir: str):
+  `start_step`: the step the run starts from; records of later steps left by an earlier attempt
+  (logged after its last checkpoint) are dropped, so a resumed run logs each step once. A local file is
+  appended to line by line; a remote one is rewritten whole (object stores do not append)."""
+
+  def __init__(self, workdir, start_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    root = workdir_lib.resolve(workdir)
+    self.path = root / "metrics.jsonl"
+    self._remote = workdir_lib.is_remote(root)
+    self._lines, self._written_at = [], 0.0
     self._tb = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+    if not self.enabled:
+      return
+    if self.path.exists():
+      old = self.path.read_text().splitlines(keepends=True)
+      self._lines = [line for line in old if line.strip() and json.loads(line)["step"] <= start_step]
+      if len(self._lines) != len(old):
+        self.path.write_text("".join(self._lines))
+    from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf
+    _register_remote_event_files()
+    self._tb = SummaryWriter(str(root / "tensorboard"), flush_secs=REMOTE_FLUSH_SECS if self._remote else 10)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     values = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **values}) + "\n")
+    line = json.dumps({"step": int(step), "time": round(time.time(), 3), **values}) + "\n"
+    self._lines.append(line)
+    if not self._remote:
+      with self.path.open("a") as f:
+        f.write(line)
+    elif time.time() - self._written_at > REMOTE_FLUSH_SECS:
+      self.flush()
     for key, value in values.items():
-      self._tb.add_scalar(key, value, int(step))
+      if math.isfinite(value):
+        self._tb.add_scalar(key, value, int(step))
+
+  def flush(self) -> None:
+    if self.enabled and self._remote:
+      self.path.write_text("".join(self._lines))
+      self._written_at = time.time()
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
-def read_metrics(workdir: str) -> dict:
-  """{step: record} from WORKDIR/metrics.jsonl; a step logged twice (a resumed run) keeps its last record."""
+def read_metrics(workdir) -> dict:
+  """{step: record} from WORKDIR/metrics.jsonl; a step logged twice keeps its last record."""
   records = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
+  for line in (workdir_lib.resolve(workdir) / "metrics.jsonl").read_text().splitlines():
+    if line.strip():
       record = json.loads(line)
       records[record["step"]] = record
   return dict(sorted(records.items()))
+
+
+class _RemoteEventFile:
+  """A TensorBoard event file behind a URI: tensorboardX's record writer appends bytes here; each flush
+  rewrites the object with everything so far."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer = workdir_lib.resolve(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _RemoteEventFiles:
+  """tensorboardX writer factory for URI schemes (`record_writer.register_writer_factory`)."""
+
+  def open(self, path: str) -> _RemoteEventFile:
+    return _RemoteEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    workdir_lib.resolve(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_remote_event_files() -> None:
+  from tensorboardX import record_writer
+  for scheme in ("gs", "s3"):
+    record_writer.register_writer_factory(scheme, _RemoteEventFiles())

@@ -34,7 +34,7 @@ import numpy as np
 from alignment import models
 from alignment.data import chat, preference_pipeline
 from alignment.models.config import REMATS
-from alignment.parallel import host_batch_to_global, make_mesh, replicated
+from alignment.parallel import make_mesh, replicated, shard_batch
 from alignment.train import state as state_lib
 from alignment.train.dpo import estimate_logit_capacity, make_loss_fn, sequence_logps
 from alignment.train.model import setup_model
@@ -99,7 +99,7 @@ def ours(pairs, args, tokenizer, template, matmul_samples):
   setup = setup_model(config.model, 0)
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   params_sharding = state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES)
-  tx, schedule = make_optimizer(config.optim, 100)
+  optimizer = make_optimizer(config.optim, 100)
   lengths = [len(preference_pipeline.tokenize_sequence(p["prompt"], p[side], tokenizer, template)[0])
              for p in pairs for side in ("chosen", "rejected")]
   round_up = lambda n: -(-n // 64) * 64
@@ -126,17 +126,18 @@ def ours(pairs, args, tokenizer, template, matmul_samples):
       loss_fn = make_loss_fn(setup.spec.graphdef, config.dpo, impl=args.impl, pairs_per_row=pairs_per_row,
                              logit_capacity=capacity)
       batch = dict(host_batch)
-      frozen = setup.load_params(params_sharding) if reference == "live" else None
-      if reference == "cached":
+      parts = {"policy": setup.part(optimizer)}
+      if reference == "live":
+        parts["ref"] = setup.part()
+      else:
         ref = jax.jit(lambda p, b: sequence_logps(setup.spec.graphdef, p, b, impl=args.impl,
                                                   pairs_per_row=pairs_per_row, logit_capacity=capacity))(
-            setup.load_params(params_sharding), host_batch_to_global(host_batch, mesh))
+            setup.load_params(params_sharding), shard_batch(host_batch, mesh))
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = np.asarray(ref["chosen"]), np.asarray(ref["rejected"])
-      shardings = state_lib.state_shardings(tx, setup.spec.abstract_params, params_sharding, mesh,
-                                            with_frozen=frozen is not None)
-      state = state_lib.create_train_state(setup.load_params(params_sharding), tx, shardings, 0, frozen)
-      global_batch = host_batch_to_global(batch, mesh)
-      step = jax.jit(make_train_step(loss_fn, tx, schedule, 1, "num_pairs"), donate_argnums=0,
+      shardings = state_lib.state_shardings(parts, mesh, SHARDING_RULES)
+      state = state_lib.create_train_state(parts, shardings, 0)
+      global_batch = shard_batch(batch, mesh)
+      step = jax.jit(make_train_step(loss_fn, {"policy": optimizer}, 1, "num_pairs"), donate_argnums=0,
                      out_shardings=(shardings, replicated(mesh)))
       holder = {"state": state}
 

@@ -111,6 +111,7 @@ def base_config():
   c.train.eval_batches = 0       # 0: the whole eval split
   c.train.ckpt_every = 0         # 0: only at the end (and on SIGTERM)
   c.train.max_to_keep = 2
+  c.train.nan_policy = "skip"    # a non-finite loss or gradient norm: skip the update | halt the run
 
   # Gym evals during training (generating policies: sft, dpo): greedy answers to the suite's probes,
   # graded; reports in WORKDIR/evals, rates and reward-hacking monitors in metrics.jsonl.

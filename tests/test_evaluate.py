@@ -93,18 +93,18 @@ def assert_same_sharding(array, sharding):
 @pytest.mark.slow
 def test_restore_entry_reads_the_params_the_run_saved(run):
   workdir, _, _ = run
-  params, step = checkpoint.restore_entry(str(workdir / "checkpoints"))
+  params, step = checkpoint.restore_entry(str(workdir / "checkpoints"), "policy")
   assert step == 4
   saved = ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "4" / "state"))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, saved["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, saved["policy"])
   # A tree of shardings places each leaf as asked (here: split over 8 devices when the first dimension allows).
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
   split = lambda a: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
       "data" if a.ndim and a.shape[0] % 8 == 0 else None))
-  shardings = jax.tree.map(split, saved["params"])
-  placed, _ = checkpoint.restore_entry(str(workdir / "checkpoints"), sharding=shardings)
+  shardings = jax.tree.map(split, saved["policy"])
+  placed, _ = checkpoint.restore_entry(str(workdir / "checkpoints"), "policy", sharding=shardings)
   jax.tree.map(lambda a, b, s: (np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                                assert_same_sharding(a, s)), placed, saved["params"], shardings)
+                                assert_same_sharding(a, s)), placed, saved["policy"], shardings)
   assert checkpoint.restore_meta(str(workdir / "checkpoints"), step)["step"] == 4
   with pytest.raises(KeyError, match="no 'value_head'"):
     checkpoint.restore_entry(str(workdir / "checkpoints"), "value_head")

@@ -61,7 +61,7 @@ def test_gym_preset_freezes_the_trunk_and_evaluates_before_and_after(tmp_path):
   assert "gym/mean_response_tokens" in records[0] and "monitor/kl_to_reference" in records[2]
   assert (workdir / "evals" / "step_000000.json").exists() and (workdir / "evals" / "step_000002.json").exists()
   assert "step 0" in out and "step 2" in out
-  trained, _ = checkpoint.restore_entry(str(workdir / "checkpoints"))
+  trained, _ = checkpoint.restore_entry(str(workdir / "checkpoints"), "policy")
   loaded = nnx.to_pure_dict(nnx.state(models.load("smollm2-135m-instruct")[0], nnx.Param))
   np.testing.assert_array_equal(trained["embed"], loaded["embed"])
   for path, leaf in jax.tree_util.tree_leaves_with_path(trained["layers"]):

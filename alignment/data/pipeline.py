@@ -1,23 +1,26 @@
-"""Per-host SFT batch iterators on grain, with a JSON-serialisable position.
+"""SFT batch iterators on grain: the job's global batches, with a JSON-serialisable position.
 
     sources = sft.prepare_sft(train_path, eval_path, data_dir=cache_dir)
     it = make_sft_iterator(sources["train"], tokenizer=tok, template=tpl, seq_len=512,
-                           batch_size=8, seed=0, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           batch_size=8, seed=0)
     batch = next(it)              # {inputs, targets, loss_mask, positions, segment_ids}: int32 [8, 512]
     state = it.get_state()        # JSON-serialisable dict; save it with the checkpoint
     it.set_state(state)           # a restored iterator yields exactly the batches that would follow
 
-The pipeline: this host's records (`source[process_index::process_count]`) -> shuffle (a new
-permutation each epoch, from `seed`) -> repeat -> tokenize with the chat template and an
-assistant-only loss mask -> shift, truncate, drop (see `packing`) -> pack first-fit (or one example
-per row) -> batches of `batch_size` rows. A final partial batch (finite epochs) is filled with
-padding rows (segment 0, loss 0), so every batch has the same shape.
+The pipeline: the records -> shuffle (a new permutation each epoch, from `seed`) -> repeat -> tokenize
+with the chat template and an assistant-only loss mask -> shift, truncate, drop (see `packing`) ->
+pack first-fit (or one example per row) -> batches of `batch_size` rows. A final partial batch
+(finite epochs) is filled with padding rows (segment 0, loss 0), so every batch has the same shape.
+
+Every host of a multi-host job runs the same pipeline and gets the same global batch (it then places
+only the rows its devices hold: `alignment.parallel.shard_batch`). So the batches, and the position,
+depend on nothing but the data and the config: a run stopped on 2 hosts resumes on 1, or on another
+mesh, with the same batches. The price is that each host tokenizes and packs the whole batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -48,30 +51,18 @@ def to_messages(record) -> list[dict[str, str]]:
 
 class BatchIterator:
   """Yields the batches of a grain dataset (SFT: `{feature: int32 [batch_size, seq_len]}`);
-    checkpointable with get/set_state. `empty_batch()` is the all-padding batch used to pad a
-    finite pass up to `num_batches` (default: SFT rows of `meta`'s batch_size and seq_len)."""
+    checkpointable with get/set_state."""
 
-  def __init__(self,
-               dataset: grain.IterDataset,
-               meta: dict,
-               num_batches: int | None = None,
-               empty_batch: Callable[[], dict] | None = None):
+  def __init__(self, dataset: grain.IterDataset, meta: dict):
     self._it = iter(dataset)
     self._meta = meta
-    self._num_batches = num_batches  # Pad to at least this many batches (eval across hosts).
-    self._empty_batch = empty_batch or (lambda: packing.empty_rows(meta["batch_size"], meta["seq_len"]))
     self._emitted = 0
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    try:
-      batch = next(self._it)
-    except StopIteration:
-      if self._num_batches is None or self._emitted >= self._num_batches:
-        raise
-      batch = self._empty_batch()
+    batch = next(self._it)
     self._emitted += 1
     return batch
 
@@ -112,50 +103,32 @@ def _tokenize_fn(tokenizer, template, template_kwargs):
   return tokenize
 
 
-def host_records(source,
-                 *,
-                 seed: int,
-                 process_index: int,
-                 process_count: int,
-                 num_epochs: int | None,
-                 shuffle: bool,
-                 with_index: bool = False) -> grain.MapDataset:
-  """This host's records (`source[process_index::process_count]`), shuffled with a new permutation
-    each epoch (from `seed`) when `shuffle`, repeated `num_epochs` times (None: forever).
-    `with_index=True` yields `(i, source[i])` pairs, i the record's index in the whole source."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+def records(source, *, seed: int, num_epochs: int | None, shuffle: bool,
+            with_index: bool = False) -> grain.MapDataset:
+  """The records of `source`, shuffled with a new permutation each epoch (from `seed`) when `shuffle`,
+    repeated `num_epochs` times (None: forever). `with_index=True` yields `(i, source[i])` pairs."""
   ds = grain.MapDataset.source(source)
+  if len(ds) == 0:
+    raise ValueError("the data source has no records")
   if with_index:
     # After `repeat`, grain hands later epochs' indices (k * len + i) down to this map unreduced.
     num_records = len(source)
     ds = ds.map_with_index(lambda i, record: (i % num_records, record))
-  ds = ds[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(f"host {process_index} of {process_count} gets no records from a source of "
-                     f"{len(source)} records")
   if shuffle:
     ds = ds.shuffle(seed=seed)  # A different permutation each epoch (seed + epoch).
   return ds.repeat(num_epochs)
 
 
-def _build(source, *, tokenizer, template, seq_len, batch_size, seed, process_index, process_count, pack,
-           num_epochs, shuffle, packing_bins, read_threads, template_kwargs):
+def _build(source, *, tokenizer, template, seq_len, batch_size, seed, pack, num_epochs, shuffle, packing_bins,
+           read_threads, template_kwargs):
   if seq_len < 1 or batch_size < 1:
     raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
-  ds = host_records(source,
-                    seed=seed,
-                    process_index=process_index,
-                    process_count=process_count,
-                    num_epochs=num_epochs,
-                    shuffle=shuffle)
+  ds = records(source, seed=seed, num_epochs=num_epochs, shuffle=shuffle)
   meta = {
       "num_records": len(source),
       "seq_len": seq_len,
       "batch_size": batch_size,
       "seed": seed,
-      "process_index": process_index,
-      "process_count": process_count,
       "pack": pack,
       "num_epochs": num_epochs,
       "shuffle": shuffle
@@ -174,15 +147,13 @@ def make_sft_iterator(source,
                       seq_len: int,
                       batch_size: int,
                       seed: int = 0,
-                      process_index: int = 0,
-                      process_count: int = 1,
                       pack: bool = True,
                       num_epochs: int | None = None,
                       shuffle: bool = True,
                       packing_bins: int | None = None,
                       read_threads: int = 2,
                       template_kwargs: Mapping | None = None) -> BatchIterator:
-  """The training iterator of one host: `batch_size` rows of `seq_len` tokens per batch.
+  """The training iterator: global batches of `batch_size` rows of `seq_len` tokens.
 
     `source` is any random-access sequence of records (a TFDS data source from `sft.prepare_sft`, or
     a list of conversations). `num_epochs=None` repeats forever; a finite run ends after the last
@@ -195,8 +166,6 @@ def make_sft_iterator(source,
                     seq_len=seq_len,
                     batch_size=batch_size,
                     seed=seed,
-                    process_index=process_index,
-                    process_count=process_count,
                     pack=pack,
                     num_epochs=num_epochs,
                     shuffle=shuffle,
@@ -212,30 +181,21 @@ def make_eval_iterator(source,
                        template: str,
                        seq_len: int,
                        batch_size: int,
-                       process_index: int = 0,
-                       process_count: int = 1,
                        pack: bool = True,
-                       num_batches: int | None = None,
                        packing_bins: int | None = None,
                        read_threads: int = 2,
                        template_kwargs: Mapping | None = None) -> BatchIterator:
-  """One deterministic pass over this host's records, in order, no shuffle; the last batch padded.
-
-    Hosts can get different numbers of batches; pass `num_batches` (e.g. the maximum over hosts)
-    to make this iterator yield at least that many, the extra ones all padding (loss 0).
-    """
+  """One deterministic pass over the records, in order, no shuffle; the last batch padded."""
   ds, meta = _build(source,
                     tokenizer=tokenizer,
                     template=template,
                     seq_len=seq_len,
                     batch_size=batch_size,
                     seed=0,
-                    process_index=process_index,
-                    process_count=process_count,
                     pack=pack,
                     num_epochs=1,
                     shuffle=False,
                     packing_bins=packing_bins,
                     read_threads=read_threads,
                     template_kwargs=template_kwargs)
-  return BatchIterator(ds, meta, num_batches=num_batches)
+  return BatchIterator(ds, meta)

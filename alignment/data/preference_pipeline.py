@@ -2,13 +2,12 @@
 
     sources = preference.prepare_preferences(train_path, data_dir=cache_dir, eval_fraction=0.1)
     it = make_preference_iterator(sources["train"], tokenizer=tok, template=tpl, seq_len=512,
-                                  batch_size=8, pairs_per_row=2, seed=0,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+                                  batch_size=8, pairs_per_row=2, seed=0)
     batch = next(it)        # R = batch_size rows of T = seq_len tokens, P = pairs_per_row pairs a row
     it.get_state() / it.set_state(state)   # JSON-serialisable position, restored exactly
-    it.stats                # {"pairs", "truncated", "dropped"} read so far by this host
+    it.stats                # {"pairs", "truncated", "dropped"} read so far
 
-The batch (numpy, per host):
+The batch (numpy, the job's global batch: every host gets the same, as in `alignment.data.pipeline`):
 
     inputs, targets, loss_mask, positions, segment_ids   int32 [R, T]
     chosen_end, rejected_end, pair_mask                  int32 [R, P]
@@ -53,7 +52,7 @@ import tokenizers
 
 from alignment.data import packing
 from alignment.data.chat import tokenize_conversation
-from alignment.data.pipeline import BatchIterator, host_records
+from alignment.data.pipeline import BatchIterator, records
 from alignment.data.preference import record_to_pair
 
 ROW_FEATURES = packing.FEATURES  # int32 [R, T]
@@ -204,7 +203,7 @@ def pair_rows_dataset(tokenized: grain.IterDataset,
 
 
 def _build(source, *, tokenizer, template, seq_len, batch_size, pairs_per_row, max_length, truncation, seed,
-           process_index, process_count, num_epochs, shuffle, packing_bins, pad_id, read_threads, template_kwargs):
+           num_epochs, shuffle, packing_bins, pad_id, read_threads, template_kwargs):
   if seq_len < 2 or batch_size < 1 or pairs_per_row < 1:
     raise ValueError(f"seq_len >= 2, batch_size >= 1 and pairs_per_row >= 1 are needed, got {seq_len}, "
                      f"{batch_size} and {pairs_per_row}")
@@ -214,13 +213,7 @@ def _build(source, *, tokenizer, template, seq_len, batch_size, pairs_per_row, m
                      f"sequences of a pair fit one row of seq_len={seq_len}")
   if truncation not in TRUNCATION:
     raise ValueError(f"truncation must be one of {list(TRUNCATION)}, got {truncation!r}")
-  ds = host_records(source,
-                    seed=seed,
-                    process_index=process_index,
-                    process_count=process_count,
-                    num_epochs=num_epochs,
-                    shuffle=shuffle,
-                    with_index=True)
+  ds = records(source, seed=seed, num_epochs=num_epochs, shuffle=shuffle, with_index=True)
   meta = {
       "kind": "preference",
       "num_records": len(source),
@@ -230,8 +223,6 @@ def _build(source, *, tokenizer, template, seq_len, batch_size, pairs_per_row, m
       "max_length": max_length,
       "truncation": truncation,
       "seed": seed,
-      "process_index": process_index,
-      "process_count": process_count,
       "num_epochs": num_epochs,
       "shuffle": shuffle,
       "pad_id": pad_id,
@@ -247,7 +238,7 @@ def _build(source, *, tokenizer, template, seq_len, batch_size, pairs_per_row, m
                          num_bins=packing_bins or batch_size,
                          pad_id=pad_id)
   ds = ds.batch(batch_size, batch_fn=lambda rows: _stack_and_pad(rows, batch_size, seq_len, pairs_per_row, pad_id))
-  return ds, meta, (lambda: empty_batch(batch_size, seq_len, pairs_per_row, pad_id))
+  return ds, meta
 
 
 def make_preference_iterator(source,
@@ -258,8 +249,6 @@ def make_preference_iterator(source,
                              batch_size: int,
                              pairs_per_row: int = 1,
                              seed: int = 0,
-                             process_index: int = 0,
-                             process_count: int = 1,
                              max_length: int | None = None,
                              truncation: str = "truncate",
                              num_epochs: int | None = None,
@@ -268,15 +257,15 @@ def make_preference_iterator(source,
                              pad_id: int = 0,
                              read_threads: int = 2,
                              template_kwargs: Mapping | None = None) -> BatchIterator:
-  """The training iterator of one host: batches of `batch_size` rows (module docstring).
+  """The training iterator: global batches of `batch_size` rows (module docstring).
 
     `source` is any random-access sequence of pair records (a data source from
-    `preference.prepare_preferences`, or a list of `{"prompt", "chosen", "rejected", "margin"?}`).
-    This host reads `source[process_index::process_count]`, in a new permutation each epoch (from
-    `seed`); `num_epochs=None` repeats forever, a finite run ends with its last batch padded.
+    `preference.prepare_preferences`, or a list of `{"prompt", "chosen", "rejected", "margin"?}`),
+    read in a new permutation each epoch (from `seed`); `num_epochs=None` repeats forever, a finite
+    run ends with its last batch padded.
     `template_kwargs` go to the chat template (e.g. `bos_token`).
     """
-  ds, meta, empty = _build(source,
+  ds, meta = _build(source,
                            tokenizer=tokenizer,
                            template=template,
                            seq_len=seq_len,
@@ -285,15 +274,13 @@ def make_preference_iterator(source,
                            max_length=max_length,
                            truncation=truncation,
                            seed=seed,
-                           process_index=process_index,
-                           process_count=process_count,
                            num_epochs=num_epochs,
                            shuffle=shuffle,
                            packing_bins=packing_bins,
                            pad_id=pad_id,
                            read_threads=read_threads,
                            template_kwargs=template_kwargs)
-  return BatchIterator(ds, meta, empty_batch=empty)
+  return BatchIterator(ds, meta)
 
 
 def make_preference_eval_iterator(source,
@@ -303,19 +290,14 @@ def make_preference_eval_iterator(source,
                                   seq_len: int,
                                   batch_size: int,
                                   pairs_per_row: int = 1,
-                                  process_index: int = 0,
-                                  process_count: int = 1,
                                   max_length: int | None = None,
                                   truncation: str = "truncate",
-                                  num_batches: int | None = None,
                                   packing_bins: int | None = None,
                                   pad_id: int = 0,
                                   read_threads: int = 2,
                                   template_kwargs: Mapping | None = None) -> BatchIterator:
-  """One deterministic pass over this host's pairs, in order, no shuffle; the last batch padded
-    (pair_mask 0). Pass `num_batches` (e.g. the maximum over hosts) to get at least that many
-    batches, the extra ones all padding."""
-  ds, meta, empty = _build(source,
+  """One deterministic pass over the pairs, in order, no shuffle; the last batch padded (pair_mask 0)."""
+  ds, meta = _build(source,
                            tokenizer=tokenizer,
                            template=template,
                            seq_len=seq_len,
@@ -324,12 +306,10 @@ def make_preference_eval_iterator(source,
                            max_length=max_length,
                            truncation=truncation,
                            seed=0,
-                           process_index=process_index,
-                           process_count=process_count,
                            num_epochs=1,
                            shuffle=False,
                            packing_bins=packing_bins,
                            pad_id=pad_id,
                            read_threads=read_threads,
                            template_kwargs=template_kwargs)
-  return BatchIterator(ds, meta, num_batches=num_batches, empty_batch=empty)
+  return BatchIterator(ds, meta)

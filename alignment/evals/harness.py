@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignment import workdir as workdir_lib
 from alignment.evals import graders, gym
 from alignment.kernels import token_logprobs
 from alignment.models import sampler
@@ -191,18 +191,18 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
   return report
 
 
-def write_report(report: Mapping, path: str) -> None:
-  """Writes a report as JSON at `path` (its folder is created), through a temporary file, so a reader
-  never sees half a report."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, ensure_ascii=False)
-  os.replace(path + ".tmp", path)
+def write_report(report: Mapping, path) -> None:
+  """Writes a report as JSON at `path`, local or a URI (its folder is created), through a temporary
+  file, so a reader never sees half a report."""
+  path = workdir_lib.resolve(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+  tmp.replace(path)
 
 
-def read_report(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+def read_report(path) -> dict:
+  return json.loads(workdir_lib.resolve(path).read_text(encoding="utf-8"))
 
 
 def flat_metrics(report: Mapping, prefix: str = "gym/") -> dict:

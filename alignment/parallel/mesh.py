@@ -5,7 +5,6 @@ import os
 from typing import Mapping, Optional, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -33,8 +32,8 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
   if math.prod(shape) != len(devices):
     raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices; "
                      f"there are {len(devices)}")
-  device_grid = np.asarray(devices).reshape(shape)
-  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  # jax.make_mesh orders the devices by the physical topology (TPU ICI rings, hosts), not by id.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def initialize_distributed() -> None:

@@ -54,19 +54,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def host_batch_to_global(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-  """Per-host numpy arrays [B_host, ...] -> global jax.Arrays [B_host * num_hosts, ...].
-
-  Each host passes only the rows it read; rows are laid out over ('data', 'fsdp') in host order.
-  """
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """A global batch, numpy [B, ...] per feature and the same on every host, -> global jax.Arrays whose
+  rows are split over ('data', 'fsdp'). Each host copies only the rows its own devices hold, so the
+  layout never depends on how many hosts there are or how their devices sit in the mesh."""
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   out = {}
-  for key, value in host_batch.items():
+  for key, value in batch.items():
     value = np.asarray(value)
-    global_rows = value.shape[0] * jax.process_count()
-    if global_rows % batch_devices:
-      raise ValueError(f"batch[{key!r}] has {global_rows} rows in all, not divisible by the "
+    if value.shape[0] % batch_devices:
+      raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows, not divisible by the "
                        f"{batch_devices} data x fsdp devices of the mesh")
-    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value,
-                                                      (global_rows,) + value.shape[1:])
+    out[key] = jax.make_array_from_callback(value.shape, batch_sharding(mesh, value.ndim),
+                                            lambda index, value=value: value[index])
   return out

@@ -20,10 +20,12 @@ from flax import nnx
 from alignment.kernels import token_logprobs
 from alignment.losses.dpo import LOSS_TYPES, preference_loss
 from alignment.losses.sequence import pair_sums
-from alignment.parallel import host_batch_to_global
+from alignment.parallel import replicated, shard_batch
 from alignment.train import preference as pref_task
+from alignment.train import registry
 from alignment.train import state as state_lib
 from alignment.train.model import setup_model
+from alignment.train.optim import model_optimizer
 from alignment.train.task import Task
 
 
@@ -50,7 +52,7 @@ def resolve_logit_capacity(config, reference_pass) -> int:
   """`config.dpo.logit_capacity`, where -1 is estimated from the first `CAPACITY_SAMPLE_BATCHES`
   batches of the train split's ordered pass. With one pair a row and the whole split in the sample,
   the most completion cells of a row is exact whatever the shuffle, so no headroom; otherwise 25%.
-  Every host takes the largest estimate, so all compile the same step."""
+  Every host reads the same global batches, so all compile the same step."""
   capacity = config.dpo.logit_capacity
   if capacity < -1:
     raise ValueError(f"config.dpo.logit_capacity={capacity}; expected -1 (estimate), 0 (every cell) or a "
@@ -60,13 +62,8 @@ def resolve_logit_capacity(config, reference_pass) -> int:
   passes = reference_pass("train")
   sample = list(itertools.islice(passes, CAPACITY_SAMPLE_BATCHES))
   whole = next(passes, None) is None
-  exact = whole and config.data.pairs_per_row == 1 and jax.process_count() == 1
-  capacity = estimate_logit_capacity(sample, config.data.seq_len, headroom=1.0 if exact else 1.25)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    estimates = np.asarray(multihost_utils.process_allgather(np.array([capacity])))
-    capacity = 0 if (estimates == 0).any() else int(estimates.max())
-  return capacity
+  exact = whole and config.data.pairs_per_row == 1
+  return estimate_logit_capacity(sample, config.data.seq_len, headroom=1.0 if exact else 1.25)
 
 
 def sequence_logps(graphdef, params, batch, *, impl: str, pairs_per_row: int, ref_params=None,
@@ -119,7 +116,8 @@ def sequence_logps(graphdef, params, batch, *, impl: str, pairs_per_row: int, re
 
 
 def make_loss_fn(graphdef, dpo_config, *, impl: str, pairs_per_row: int, logit_capacity: int = 0):
-  """(params, frozen, batch, rng) -> (loss summed over real pairs, (pair count, metric sums)).
+  """(parts, batch, rng) -> (loss of parts['policy'] summed over real pairs, (pair count, metric sums)),
+  against parts['ref'] (a live reference) or the batch's cached reference log-probs.
   `logit_capacity`: as in `sequence_logps`."""
   loss_kwargs = dict(beta=dpo_config.beta, loss_type=dpo_config.loss_type,
                      label_smoothing=dpo_config.label_smoothing, nll_coef=dpo_config.nll_coef)
@@ -129,13 +127,14 @@ def make_loss_fn(graphdef, dpo_config, *, impl: str, pairs_per_row: int, logit_c
     loss_kwargs["orpo_alpha"] = dpo_config.orpo_alpha
   spec = LOSS_TYPES[dpo_config.loss_type]
 
-  def loss_fn(params, frozen, batch, rng):
+  def loss_fn(parts, batch, rng):
     del rng
-    s = sequence_logps(graphdef, params, batch, impl=impl, pairs_per_row=pairs_per_row, ref_params=frozen,
+    ref = parts.get("ref")
+    s = sequence_logps(graphdef, parts["policy"], batch, impl=impl, pairs_per_row=pairs_per_row, ref_params=ref,
                        logit_capacity=logit_capacity)
     if spec.reference_free:
       ref_c = ref_r = jnp.zeros_like(s["chosen"])
-    elif frozen is not None:
+    elif ref is not None:
       ref_c, ref_r = s["ref_chosen"], s["ref_rejected"]
     else:
       ref_c, ref_r = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -168,20 +167,21 @@ def reference_logps_cache(path: str, graphdef, ref_params, batches, num_pairs: i
                           pairs_per_row: int, logit_capacity: int = 0) -> np.ndarray:
   """float32 [num_pairs, 2] (chosen, rejected) reference log-prob sums, computed once and kept at `path`.
 
-  Each host computes and caches the pairs of its own shard (the only ones its batches hold), so the
-  cache key includes the host's index; pairs the length rule drops stay 0 (they never reach a batch).
+  `batches` are global: every host computes the whole table (the sums come back replicated), so the
+  cache does not depend on the number of hosts. Pairs the length rule drops stay 0 (they never reach a
+  batch).
   """
   if os.path.exists(path):
     cached = np.load(path)
     if cached.shape == (num_pairs, 2):
       return cached
   fn = jax.jit(lambda p, b: sequence_logps(graphdef, p, b, impl=impl, pairs_per_row=pairs_per_row,
-                                           logit_capacity=logit_capacity))
+                                           logit_capacity=logit_capacity), out_shardings=replicated(mesh))
   table = np.full((num_pairs, 2), np.nan, np.float32)
-  for host_batch in batches:
-    out = jax.device_get(fn(ref_params, host_batch_to_global(host_batch, mesh)))
-    real = host_batch["pair_mask"].astype(bool)
-    index = host_batch["pair_index"][real]
+  for batch in batches:
+    out = jax.device_get(fn(ref_params, shard_batch(batch, mesh)))
+    real = batch["pair_mask"].astype(bool)
+    index = batch["pair_index"][real]
     table[index, 0], table[index, 1] = out["chosen"][real], out["rejected"][real]
   kept = batches.stats["pairs"] - batches.stats["dropped"]  # pairs the length rule drops never reach a batch
   covered = int((~np.isnan(table[:, 0])).sum())
@@ -189,8 +189,9 @@ def reference_logps_cache(path: str, graphdef, ref_params, batches, num_pairs: i
     raise ValueError(f"reference pass covered {covered} pairs; the data pipeline kept {kept} of {num_pairs}")
   table = np.nan_to_num(table)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.save(path + ".tmp.npy", table)
-  os.replace(path + ".tmp.npy", path)  # never leaves a half-written cache behind
+  tmp = f"{path}.tmp{os.getpid()}.npy"  # per process: hosts sharing a filesystem write the same table
+  np.save(tmp, table)
+  os.replace(tmp, path)  # never leaves a half-written cache behind
   return table
 
 
@@ -218,22 +219,24 @@ class WithCachedReference:
     self.iterator.set_state(state)
 
 
-def build_task(config, mesh, host_batch_size: int) -> Task:
+@registry.supervised("dpo")
+def build_task(config, mesh) -> Task:
   d, c = config.data, config.dpo
   if c.loss_type not in LOSS_TYPES:
     raise ValueError(f"config.dpo.loss_type={c.loss_type!r}; expected one of {sorted(LOSS_TYPES)}")
   if c.reference not in ("live", "cached"):
     raise ValueError(f"config.dpo.reference={c.reference!r}; expected 'live' or 'cached'")
   model = setup_model(config.model, config.seed)
-  data = pref_task.preference_data(config, model.tokenizer, host_batch_size)
+  data = pref_task.preference_data(config, model.tokenizer)
   capacity = resolve_logit_capacity(config, data.reference_pass)
   loss_fn = make_loss_fn(model.spec.graphdef, c, impl=config.kernel.impl, pairs_per_row=d.pairs_per_row,
                          logit_capacity=capacity)
   needs_reference = not LOSS_TYPES[c.loss_type].reference_free
-  task = Task(model.spec, model.load_params, loss_fn, data.train, data.eval, dict(data.info),
-              load_frozen=model.load_params if needs_reference and c.reference == "live" else None,
-              count_name="num_pairs", model_cfg=model.cfg, tokenizer=model.tokenizer,
-              reward_metric="rewards/margins")
+  parts = {"policy": model.part(model_optimizer(config))}
+  if needs_reference and c.reference == "live":
+    parts["ref"] = model.part()
+  task = Task(parts, loss_fn, data.train, data.eval, dict(data.info), count_name="num_pairs", model_cfg=model.cfg,
+              tokenizer=model.tokenizer, reward_metric="rewards/margins")
   task.info["logit_capacity"] = capacity
   if needs_reference and c.reference == "cached":
     rules = tuple(tuple(r) for r in config.sharding.rules)
@@ -244,7 +247,7 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
     for split in data.splits:
       key = json.dumps(dict(model=model_fp, data=data.fingerprint, split=split, seq_len=d.seq_len,
                             max_length=d.max_length, truncation=d.truncation, pairs_per_row=d.pairs_per_row,
-                            impl=config.kernel.impl, host=(jax.process_index(), jax.process_count())),
+                            impl=config.kernel.impl),
                        sort_keys=True)
       path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy")
       with jax.set_mesh(mesh):

@@ -9,32 +9,26 @@ on the live params), the answers are graded, and
                                    monitors (`alignment.evals.monitors`).
 """
 
-import glob
-import os
 import sys
 import time
 from typing import Optional
 
-import jax
-
+from alignment import workdir as workdir_lib
 from alignment.evals import harness, monitors
 
 
 class GymEvaluator:
   """Runs the evals of one training run and keeps what the monitors compare against."""
 
-  def __init__(self, config, task, workdir: str):
+  def __init__(self, config, task, workdir):
     e = config.evals
     if task.model_cfg is None or task.tokenizer is None:
       raise ValueError(f"config.evals.every={e.every}: algorithm {config.algorithm!r} trains no generating model")
-    if jax.process_count() > 1:
-      raise ValueError("config.evals.every: gym evals during training run on a single host; evaluate the "
-                       "checkpoints with `python -m alignment.evaluate --model=WORKDIR`")
     self.probes = harness.load_probes(e.suite, e.probes)[:e.limit or None]
     self.settings = harness.EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     self.kl_probes = e.kl_probes
     self.cfg, self.tokenizer, self.reward_metric = task.model_cfg, task.tokenizer, task.reward_metric
-    self.workdir = workdir
+    self.workdir = workdir_lib.resolve(workdir)
     self.first, self.previous = self._saved_metrics()
     self.reward_before: Optional[float] = None
     self.window: list = []
@@ -50,15 +44,16 @@ class GymEvaluator:
     if self.reward_metric and self.reward_metric in record:
       self.window.append(record[self.reward_metric])
 
-  def run(self, step: int, params, frozen=None) -> dict:
-    """Evaluates `params`; writes the report; returns the flat metrics and monitors for this step."""
+  def run(self, step: int, parts: dict) -> dict:
+    """Evaluates `parts['policy']` (with the KL to `parts['ref']` when there is one); writes the report;
+    returns the flat metrics and monitors for this step."""
     start = time.time()
     print(f"gym eval at step {step}: {len(self.probes)} probes ...", file=sys.stderr, flush=True)
     # At step 0 the policy is its reference: the KL is 0 by construction, and not worth two forwards.
-    report = harness.evaluate_probes(self.cfg, params, self.tokenizer, self.probes, self.settings,
-                                     ref_params=frozen if step else None, kl_probes=self.kl_probes or None)
+    report = harness.evaluate_probes(self.cfg, parts["policy"], self.tokenizer, self.probes, self.settings,
+                                     ref_params=parts.get("ref") if step else None, kl_probes=self.kl_probes or None)
     report = {"step": step, **report}
-    path = os.path.join(self.workdir, "evals", f"step_{step:06d}.json")
+    path = self.workdir / "evals" / f"step_{step:06d}.json"
     harness.write_report(report, path)
     metrics = harness.flat_metrics(report)
     scores = ", ".join(f"{k[4:]} {v:.2f}" for k, v in metrics.items() if k in monitors.SCORE_KEYS)
@@ -73,6 +68,6 @@ class GymEvaluator:
     return out
 
 
-def reports(workdir: str) -> list:
+def reports(workdir) -> list:
   """Paths of the gym eval reports of a run, in step order."""
-  return sorted(glob.glob(os.path.join(workdir, "evals", "step_*.json")))
+  return sorted(workdir_lib.resolve(workdir).glob("evals/step_*.json"), key=str)

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -12,6 +11,7 @@ from flax import nnx
 import ml_collections
 
 from alignment import checkpoint, models
+from alignment import workdir as workdir_lib
 from alignment.train import state as state_lib
 
 
@@ -20,6 +20,10 @@ class ModelSetup(NamedTuple):
   spec: state_lib.ModelSpec
   load_params: Callable[[Any], Any]  # shardings -> params
   tokenizer: Optional[Any]           # tokenizers.Tokenizer or None
+
+  def part(self, optimizer: Optional[state_lib.Optimizer] = None) -> state_lib.Part:
+    """This model as a part of the train state (trained when given an optimizer)."""
+    return state_lib.Part(self.spec, self.load_params, optimizer)
 
 
 def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelSetup:
@@ -65,8 +69,9 @@ class Policy(NamedTuple):
   description: str       # what was loaded, for reports: a name, a path, or 'WORKDIR (step N)'
 
 
-def is_workdir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+def is_workdir(path) -> bool:
+  path = workdir_lib.resolve(path)
+  return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
 
 
 def load_policy(name_or_path: str, *, dtype: str = "float32", step: Optional[int] = None) -> Policy:
@@ -76,11 +81,11 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", step: Optional[int
   if not is_workdir(name_or_path):
     model, tokenizer = models.load(name_or_path, dtype=dtype)
     return Policy(model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tokenizer, name_or_path)
-  with open(os.path.join(name_or_path, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  workdir = workdir_lib.resolve(name_or_path)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   if config.get("algorithm") == "rm":
     raise ValueError(f"{name_or_path}: a reward-model run (algorithm 'rm') scores text and does not generate; "
                      f"give an sft or dpo workdir or a model")
   setup = setup_model(config.model, config.seed)
-  params, step = checkpoint.restore_entry(os.path.join(name_or_path, "checkpoints"), "params", step=step)
+  params, step = checkpoint.restore_entry(workdir / "checkpoints", "policy", step=step)
   return Policy(setup.cfg, params, setup.tokenizer, f"{name_or_path} (step {step})")

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alignment.train.state import Optimizer
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -50,8 +52,8 @@ def freeze(frozen_layers: int, frozen_embeddings: bool = False) -> optax.Gradien
   return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(mask, updates))
 
 
-def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0, frozen_embeddings: bool = False):
-  """Returns (optax transformation, learning-rate schedule)."""
+def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0, frozen_embeddings: bool = False) -> Optimizer:
+  """(optax transformation, learning-rate schedule) from a `config.optim` block."""
   schedule = learning_rate_schedule(optim, total_steps)
   parts = []
   if optim.clip_norm and optim.clip_norm > 0:
@@ -60,4 +62,11 @@ def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0, frozen_em
                            weight_decay=optim.weight_decay, mask=_decay_mask))
   if frozen_layers or frozen_embeddings:
     parts.append(freeze(frozen_layers, frozen_embeddings))
-  return optax.chain(*parts), schedule
+  return Optimizer(optax.chain(*parts), schedule)
+
+
+def model_optimizer(config) -> Optimizer:
+  """The optimizer of the model `config.model` describes: `config.optim` over `config.train.steps`, with
+  the layers and embedding that `config.model` freezes left exactly as loaded."""
+  return make_optimizer(config.optim, config.train.steps, frozen_layers=config.model.get("frozen_layers", 0),
+                        frozen_embeddings=config.model.get("frozen_embeddings", False))

@@ -1,11 +1,9 @@
-"""Preference data for the reward-model and DPO tasks: prepared splits, per-host iterators, stats."""
+"""Preference data for the reward-model and DPO tasks: prepared splits, global-batch iterators, stats."""
 
 import filecmp
 import hashlib
 import os
 from typing import Callable, NamedTuple, Optional
-
-import jax
 
 from alignment.train.task import ResumableIterator, data_dir, prepare_once_per_job, tokenizer_and_template
 
@@ -52,7 +50,7 @@ def resolve_train_path(data_config) -> str:
   return out
 
 
-def preference_data(config, model_tokenizer, host_batch_size: int) -> PreferenceData:
+def preference_data(config, model_tokenizer) -> PreferenceData:
   from alignment.data import preference, preference_pipeline  # data deps load only when training
 
   d = config.data
@@ -61,9 +59,8 @@ def preference_data(config, model_tokenizer, host_batch_size: int) -> Preference
       eval_fraction=0.0 if d.eval_path else d.eval_fraction, format=d.format))
   tokenizer, template, template_kwargs = tokenizer_and_template(d, model_tokenizer, config.model.name)
   common = dict(tokenizer=tokenizer, template=template, template_kwargs=template_kwargs,
-                seq_len=d.seq_len, batch_size=host_batch_size,
-                pairs_per_row=d.pairs_per_row, process_index=jax.process_index(),
-                process_count=jax.process_count(), max_length=d.max_length or None, truncation=d.truncation)
+                seq_len=d.seq_len, batch_size=config.train.batch_size, pairs_per_row=d.pairs_per_row,
+                max_length=d.max_length or None, truncation=d.truncation)
   train = preference_pipeline.make_preference_iterator(sources["train"], seed=d.seed, **common)
   evaluate = None
   if "eval" in sources:

@@ -7,7 +7,6 @@ reward mean and std are saved with the checkpoint (PPO normalises rewards with t
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +15,14 @@ import numpy as np
 from flax import nnx
 
 from alignment import checkpoint
+from alignment import workdir as workdir_lib
 from alignment.losses.reward import bradley_terry_loss
-from alignment.parallel import host_batch_to_global, make_mesh
+from alignment.parallel import make_mesh, replicated, shard_batch
 from alignment.train import preference as pref_task
+from alignment.train import registry
 from alignment.train import state as state_lib
 from alignment.train.model import setup_model
+from alignment.train.optim import model_optimizer
 from alignment.train.task import Task, tokenizer_and_template
 
 
@@ -32,11 +34,11 @@ def pair_rewards(graphdef, params, batch):
 
 
 def make_loss_fn(graphdef, rm_config):
-  """(params, frozen, batch, rng) -> (BT loss summed over real pairs, (pair count, metric sums))."""
+  """(parts, batch, rng) -> (BT loss of parts['reward'] summed over real pairs, (pair count, metric sums))."""
 
-  def loss_fn(params, frozen, batch, rng):
-    del frozen, rng
-    r_chosen, r_rejected = pair_rewards(graphdef, params, batch)
+  def loss_fn(parts, batch, rng):
+    del rng
+    r_chosen, r_rejected = pair_rewards(graphdef, parts["reward"], batch)
     margin = batch["margin"].reshape(-1) if rm_config.use_margin else None
     loss, metrics = bradley_terry_loss(r_chosen.reshape(-1), r_rejected.reshape(-1), margin=margin,
                                        center_coef=rm_config.center_coef)
@@ -47,25 +49,27 @@ def make_loss_fn(graphdef, rm_config):
 
 
 def reward_stats(graphdef, params, batches, mesh) -> dict:
-  """Mean and std of the rewards of every sequence (chosen and rejected) over `batches`."""
-  fn = jax.jit(lambda p, b: pair_rewards(graphdef, p, b))
+  """Mean and std of the rewards of every sequence (chosen and rejected) over `batches` (global batches:
+  every host reads every reward and computes the same figures)."""
+  fn = jax.jit(lambda p, b: pair_rewards(graphdef, p, b), out_shardings=replicated(mesh))
   values = []
-  for host_batch in batches:
-    chosen, rejected = jax.device_get(fn(params, host_batch_to_global(host_batch, mesh)))
-    real = host_batch["pair_mask"].astype(bool)
+  for batch in batches:
+    chosen, rejected = jax.device_get(fn(params, shard_batch(batch, mesh)))
+    real = batch["pair_mask"].astype(bool)
     values += [chosen[real], rejected[real]]
   values = np.concatenate(values) if values else np.zeros(0)
   return {"reward/mean": float(values.mean()) if values.size else 0.0,
           "reward/std": float(values.std()) if values.size else 0.0, "reward/count": int(values.size)}
 
 
-def build_task(config, mesh, host_batch_size: int) -> Task:
+@registry.supervised("rm")
+def build_task(config, mesh) -> Task:
   model = setup_model(config.model, config.seed, reward_head=True)
-  data = pref_task.preference_data(config, model.tokenizer, host_batch_size)
+  data = pref_task.preference_data(config, model.tokenizer)
   summary_data = data.eval if data.eval is not None else lambda: data.reference_pass("train")
-  summarize = lambda params, frozen: reward_stats(model.spec.graphdef, params, summary_data(), mesh)
-  return Task(model.spec, model.load_params, make_loss_fn(model.spec.graphdef, config.rm), data.train, data.eval,
-              dict(data.info), count_name="num_pairs", summarize=summarize)
+  summarize = lambda parts: reward_stats(model.spec.graphdef, parts["reward"], summary_data(), mesh)
+  return Task({"reward": model.part(model_optimizer(config))}, make_loss_fn(model.spec.graphdef, config.rm),
+              data.train, data.eval, dict(data.info), count_name="num_pairs", summarize=summarize)
 
 
 class RewardScorer:
@@ -75,9 +79,9 @@ class RewardScorer:
       scorer.score(["What is 2+2?"], ["4"])  # -> float32 [1]; raw rewards (see `.stats` to normalise)
   """
 
-  def __init__(self, workdir: str, mesh=None):
-    with open(os.path.join(workdir, "config.json")) as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
+  def __init__(self, workdir, mesh=None):
+    workdir = workdir_lib.resolve(workdir)
+    self.config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     if self.config.algorithm != "rm":
       raise ValueError(f"{workdir}/config.json: algorithm is {self.config.algorithm!r}, not 'rm'")
     self.mesh = mesh or make_mesh({"data": -1})
@@ -86,14 +90,15 @@ class RewardScorer:
         self.config.data, model.tokenizer, self.config.model.name)
     rules = tuple(tuple(r) for r in self.config.sharding.rules)
     params_sharding = state_lib.param_shardings(model.spec, self.mesh, rules)
-    directory = os.path.join(workdir, "checkpoints")
-    try:  # the params alone: the optimizer state stays on disk
-      self.params, step = checkpoint.restore_entry(directory, "params", sharding=params_sharding)
+    directory = workdir / "checkpoints"
+    try:  # the reward model's params alone: the optimizer state stays on disk
+      self.params, step = checkpoint.restore_entry(directory, "reward", sharding=params_sharding)
     except FileNotFoundError:
       raise ValueError(f"{workdir}/checkpoints: no checkpoint to score with") from None
     self.stats = checkpoint.restore_meta(directory, step).get("summary", {})
     self._scores = jax.jit(lambda p, b: nnx.merge(model.spec.graphdef, p)(b["inputs"], b["positions"],
-                                                                          b["segment_ids"]))
+                                                                          b["segment_ids"]),
+                           out_shardings=replicated(self.mesh))
 
   def score(self, prompts, completions, batch_size: int = 8) -> np.ndarray:
     """prompts: strings (one user turn) or message lists; completions: strings -> float32 [N]."""
@@ -116,7 +121,7 @@ class RewardScorer:
       for i, ids in enumerate(chunk):
         inputs[i, :len(ids)], segments[i, :len(ids)] = ids, 1
       positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
-      batch = host_batch_to_global(dict(inputs=inputs, positions=positions, segment_ids=segments), self.mesh)
+      batch = shard_batch(dict(inputs=inputs, positions=positions, segment_ids=segments), self.mesh)
       scores = np.asarray(jax.device_get(self._scores(self.params, batch)))
       out += [scores[i, len(ids) - 1] for i, ids in enumerate(chunk)]
     return np.asarray(out, np.float32)

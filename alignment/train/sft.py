@@ -1,20 +1,22 @@
 """Supervised fine-tuning: the loss over assistant tokens and the task the shared loop runs."""
 
-import jax
 from flax import nnx
 
 from alignment.kernels import token_logprobs
 from alignment.losses.sft import nll_sum
+from alignment.train import registry
 from alignment.train.model import setup_model
+from alignment.train.optim import model_optimizer
 from alignment.train.task import Task, data_dir, prepare_once_per_job, tokenizer_and_template
 
 
 def make_loss_fn(graphdef, impl: str):
-  """(params, frozen, batch, rng) -> (NLL sum, (loss-token count, {'entropy': sum})) over packed [B, T] rows."""
+  """(parts, batch, rng) -> (NLL sum, (loss-token count, {'entropy': sum})) of parts['policy'] over packed
+  [B, T] rows."""
 
-  def loss_fn(params, frozen, batch, rng):
-    del frozen, rng  # SFT has no reference model and no randomness (no dropout in these models)
-    model = nnx.merge(graphdef, params)
+  def loss_fn(parts, batch, rng):
+    del rng  # no randomness (no dropout in these models)
+    model = nnx.merge(graphdef, parts["policy"])
     hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     stats = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.unembed_matrix(),
                            batch["targets"].reshape(-1), impl=impl)
@@ -25,7 +27,8 @@ def make_loss_fn(graphdef, impl: str):
   return loss_fn
 
 
-def build_task(config, mesh, host_batch_size: int) -> Task:
+@registry.supervised("sft")
+def build_task(config, mesh) -> Task:
   from alignment.data import pipeline, sft as sft_data  # data deps load only when training
 
   d = config.data
@@ -37,13 +40,12 @@ def build_task(config, mesh, host_batch_size: int) -> Task:
   if tokenizer.get_vocab_size() > model.cfg.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model {config.model.name!r} "
                      f"has vocab_size {model.cfg.vocab_size}")
-  common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, batch_size=host_batch_size,
-                process_index=jax.process_index(), process_count=jax.process_count(), pack=d.pack,
-                template_kwargs=template_kwargs)
+  common = dict(tokenizer=tokenizer, template=template, seq_len=d.seq_len, batch_size=config.train.batch_size,
+                pack=d.pack, template_kwargs=template_kwargs)
   train_data = pipeline.make_sft_iterator(sources["train"], seed=d.seed, **common)
   eval_data = None
   if "eval" in sources:
     eval_data = lambda: pipeline.make_eval_iterator(sources["eval"], **common)
   info = {"train_examples": len(sources["train"]), "eval_examples": len(sources.get("eval", []))}
-  return Task(model.spec, model.load_params, make_loss_fn(model.spec.graphdef, config.kernel.impl),
+  return Task({"policy": model.part(model_optimizer(config))}, make_loss_fn(model.spec.graphdef, config.kernel.impl),
               train_data, eval_data, info, model_cfg=model.cfg, tokenizer=tokenizer)

@@ -1,12 +1,17 @@
-"""The pure train / eval steps every algorithm shares.
+"""The pure train / eval steps every supervised algorithm shares.
 
-An algorithm supplies `loss_fn(params, frozen, batch, rng) -> (loss_sum, (count, aux))`: the SUM of its
+An algorithm supplies `loss_fn(parts, batch, rng) -> (loss_sum, (count, aux))`: the SUM of its
 per-token (or per-pair) losses, the count it should be normalised by (tokens, pairs), and a dict of
-summed statistics. `frozen` is the state's untrained params (a DPO reference model), or None. The step sums all three over micro-batches and divides once, so accumulating k
-micro-batches gives exactly the update of one batch k times larger, however uneven their lengths.
+summed statistics. `parts` maps the state's part names to their params ({'policy', 'ref'} for DPO);
+gradients are taken for the trained parts only. The step sums all three over micro-batches and divides
+once, so accumulating k micro-batches gives exactly the update of one batch k times larger, however
+uneven their lengths.
+
+A step whose loss or gradient norm is not finite changes no params and no optimizer state: it counts
+in `skipped_steps` (the loop then goes on or halts, `config.train.nan_policy`).
 """
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from alignment.parallel import BATCH_AXES
+from alignment.train.state import Optimizer, parts_of
 
 
 def _split_micro_batches(batch, num_micro: int):
@@ -31,59 +37,79 @@ def _has_mesh() -> bool:
   return not jax.sharding.get_abstract_mesh().empty
 
 
-def accumulate_gradients(loss_fn: Callable, params, frozen, batch, rng, num_micro: int):
-  """Returns (summed grads, loss_sum, count, aux sums) over `num_micro` micro-batches."""
-  grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, frozen, b, r), has_aux=True)
+def accumulate_gradients(loss_fn: Callable, trained: dict, fixed: dict, batch, rng, num_micro: int):
+  """Returns (summed grads of the `trained` parts, loss_sum, count, aux sums) over `num_micro`
+  micro-batches; the `fixed` parts are inputs only."""
+  grad_fn = jax.value_and_grad(lambda t, b, r: loss_fn({**t, **fixed}, b, r), has_aux=True)
   if num_micro == 1:
-    (loss_sum, (num_tokens, aux)), grads = grad_fn(params, batch, rng)
+    (loss_sum, (num_tokens, aux)), grads = grad_fn(trained, batch, rng)
     return grads, loss_sum, num_tokens, aux
 
   micro = _split_micro_batches(batch, num_micro)
   rngs = jax.random.split(rng, num_micro)
   (_, (_, aux_shape)), grads_shape = jax.eval_shape(
-      grad_fn, params, jax.tree.map(lambda x: x[0], micro), rngs[0])
+      grad_fn, trained, jax.tree.map(lambda x: x[0], micro), rngs[0])
   zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
   init = (zeros(grads_shape), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros(aux_shape))
 
   def body(carry, xs):
     mb, r = xs
-    (loss_sum, (num_tokens, aux)), grads = grad_fn(params, mb, r)
+    (loss_sum, (num_tokens, aux)), grads = grad_fn(trained, mb, r)
     add = lambda a, b: jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)
     return (add(carry[0], grads), carry[1] + loss_sum, carry[2] + num_tokens, add(carry[3], aux)), None
 
   (grads, loss_sum, num_tokens, aux), _ = jax.lax.scan(body, init, (micro, rngs))
-  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trained)
   return grads, loss_sum, num_tokens, aux
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
+def make_train_step(loss_fn: Callable, optimizers: Mapping[str, Optimizer], grad_accum_steps: int,
                     count_name: str = "num_tokens"):
-  """Builds `train_step(state, batch) -> (state, metrics)`.
+  """Builds `train_step(state, batch) -> (state, metrics)` for a state with the trained parts
+  `optimizers` names (each updated by its own optimizer) and any number of fixed parts.
 
-  state = {params, opt_state, step, rng} plus, for algorithms with a reference, `frozen` (never updated).
-  """
+  Metrics: loss, the count, grad_norm (over every trained part) and lr (the first trained part's),
+  plus grad_norm/<part> and lr/<part> when several parts train, the aux means, and
+  train/skipped_steps (so far in the run)."""
+  names = tuple(optimizers)
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state["rng"])
-    grads, loss_sum, count, aux = accumulate_gradients(
-        loss_fn, state["params"], state.get("frozen"), batch, step_rng, grad_accum_steps)
+    trained = {name: state[name] for name in names}
+    fixed = {name: value for name, value in parts_of(state).items() if name not in names}
+    grads, loss_sum, count, aux = accumulate_gradients(loss_fn, trained, fixed, batch, step_rng, grad_accum_steps)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss_sum / denom, count_name: count,
-               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = dict(state, rng=rng, step=state["step"] + 1)
+    new_state["opt_state"] = {}
+    metrics = {"loss": loss_sum / denom, count_name: count, "grad_norm": grad_norm,
+               "lr": optimizers[names[0]].schedule(state["step"])}
+    for name in names:
+      updates, opt_state = optimizers[name].tx.update(grads[name], state["opt_state"][name], trained[name])
+      new_state[name] = keep_if_finite(optax.apply_updates(trained[name], updates), trained[name])
+      new_state["opt_state"][name] = keep_if_finite(opt_state, state["opt_state"][name])
+      if len(names) > 1:
+        metrics[f"grad_norm/{name}"] = optax.global_norm(grads[name])
+        metrics[f"lr/{name}"] = optimizers[name].schedule(state["step"])
+    skipped = (~finite).astype(jnp.int32)
+    new_state["skipped_steps"] = state["skipped_steps"] + skipped
+    new_state["first_skipped_step"] = jnp.where((state["first_skipped_step"] < 0) & ~finite, state["step"] + 1,
+                                                state["first_skipped_step"])
+    metrics["train/skipped_steps"] = new_state["skipped_steps"]
     metrics.update({k: v / denom for k, v in aux.items()})
-    return dict(state, params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng), metrics
+    return new_state, metrics
 
   return train_step
 
 
 def make_eval_step(loss_fn: Callable):
-  """`eval_step(params, frozen, batch) -> sums` of loss, count and aux; the caller divides after the pass."""
+  """`eval_step(parts, batch) -> sums` of loss, count and aux; the caller divides after the pass."""
 
-  def eval_step(params, frozen, batch):
-    loss_sum, (count, aux) = loss_fn(params, frozen, batch, jax.random.PRNGKey(0))
+  def eval_step(parts, batch):
+    loss_sum, (count, aux) = loss_fn(parts, batch, jax.random.PRNGKey(0))
     return {"loss": loss_sum, "count": count, **aux}
 
   return eval_step

@@ -2,15 +2,16 @@
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol
 
 import jax
 
-from alignment.train.state import ModelSpec
+from alignment.train.state import Part
 
 
 class ResumableIterator(Protocol):
-  """Yields per-host numpy batches; its position round-trips through a JSON-serialisable dict."""
+  """Yields global numpy batches (the same on every host); its position round-trips through a
+  JSON-serialisable dict."""
   def __next__(self) -> dict: ...
   def get_state(self) -> dict: ...
   def set_state(self, state: dict) -> None: ...
@@ -18,15 +19,14 @@ class ResumableIterator(Protocol):
 
 @dataclasses.dataclass
 class Task:
-  spec: ModelSpec
-  load_params: Callable[[Any], Any]   # shardings -> params (sharded jax.Arrays)
-  loss_fn: Callable                   # (params, frozen, batch, rng) -> (loss_sum, (count, aux sums))
+  """An algorithm's side of the supervised loop (`alignment.train.loop.train`)."""
+  parts: Dict[str, Part]              # the state's models by name: what trains (with an optimizer) and what not
+  loss_fn: Callable                   # (parts, batch, rng) -> (loss_sum, (count, aux sums))
   train_data: ResumableIterator
   eval_data: Optional[Callable[[], Iterable[dict]]] = None  # a fresh, finite pass over the eval split
   info: dict = dataclasses.field(default_factory=dict)     # printed once at start (dataset stats, ...)
-  load_frozen: Optional[Callable[[Any], Any]] = None      # shardings -> reference params, if any
   count_name: str = "num_tokens"                          # what the loss is normalised by, in metrics
-  summarize: Optional[Callable[[Any, Any], dict]] = None  # (params, frozen) -> figures saved at the end
+  summarize: Optional[Callable[[dict], dict]] = None      # (parts) -> figures saved at the end
   model_cfg: Any = None        # the ModelConfig of a generating policy (gym evals during training), if any
   tokenizer: Any = None        # its tokenizer
   reward_metric: Optional[str] = None  # the step metric the reward-hacking monitors read as the reward

@@ -3,13 +3,11 @@
 import jax
 import numpy as np
 
-from alignment.parallel import host_batch_to_global, make_mesh
-from alignment.train import state as state_lib
+from alignment.parallel import make_mesh, shard_batch
 from alignment.train.optim import make_optimizer
 from alignment.train.sft import make_loss_fn
 from alignment.train.step import make_train_step
-from configs.common import SHARDING_RULES
-from tests.train.helpers import packed_row, random_examples, stack, tiny_config, tiny_model, vocab_size
+from tests.train.helpers import packed_row, policy_state, random_examples, stack, tiny_config, tiny_model, vocab_size
 
 SEQ, ROWS, STEPS = 32, 4, 3
 
@@ -17,19 +15,16 @@ SEQ, ROWS, STEPS = 32, 4, 3
 def loss_curve(impl):
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   setup = tiny_model()
-  shardings = state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES)
-  params = setup.load_params(shardings)
-  tx, schedule = make_optimizer(tiny_config().optim, STEPS)
+  optimizer = make_optimizer(tiny_config().optim, STEPS)
   rng = np.random.default_rng(0)
   batches = [stack([packed_row(random_examples(rng, 2, vocab_size(), 4, 14), SEQ) for _ in range(ROWS)])
              for _ in range(STEPS)]
   losses = []
   with jax.set_mesh(mesh):
-    state = state_lib.create_train_state(params, tx, state_lib.state_shardings(
-        tx, setup.spec.abstract_params, shardings, mesh), 0)
-    step = jax.jit(make_train_step(make_loss_fn(setup.spec.graphdef, impl), tx, schedule, 1))
-    for host in batches:
-      state, metrics = step(state, host_batch_to_global(host, mesh))
+    state = policy_state(setup, mesh, optimizer)
+    step = jax.jit(make_train_step(make_loss_fn(setup.spec.graphdef, impl), {"policy": optimizer}, 1))
+    for batch in batches:
+      state, metrics = step(state, shard_batch(batch, mesh))
       losses.append(float(metrics["loss"]))
   return np.array(losses)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from alignment.parallel import host_batch_to_global, logical_to_mesh_spec, make_mesh
+from alignment.parallel import logical_to_mesh_spec, make_mesh, shard_batch
 from configs.common import SHARDING_RULES
 
 
@@ -36,13 +36,24 @@ def test_logical_rules_drop_axes_that_do_not_divide():
     logical_to_mesh_spec(("experts",), (4,), mesh, SHARDING_RULES)
 
 
-def test_host_batch_becomes_a_global_array_split_over_data_and_fsdp():
+def test_global_batch_becomes_an_array_split_over_data_and_fsdp():
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rows = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
-  batch = host_batch_to_global({"inputs": rows}, mesh)["inputs"]
+  batch = shard_batch({"inputs": rows}, mesh)["inputs"]
   np.testing.assert_array_equal(np.asarray(batch), rows)
   assert batch.sharding.spec == P(("data", "fsdp"), None)
   # each of the 4 batch shards holds 2 rows, replicated over the 2 tensor devices
   assert {s.data.shape for s in batch.addressable_shards} == {(2, 5)}
-  with pytest.raises(ValueError, match="6 rows in all, not divisible by the 4"):
-    host_batch_to_global({"inputs": rows[:6]}, mesh)
+  # the rows a device holds are the ones its (data, fsdp) coordinates name, wherever it sits
+  for shard in batch.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), rows[shard.index])
+  with pytest.raises(ValueError, match="6 rows, not divisible by the 4"):
+    shard_batch({"inputs": rows[:6]}, mesh)
+
+
+def test_mesh_takes_its_devices_in_topology_order():
+  devices = jax.devices()
+  mesh = make_mesh({"data": 2, "fsdp": 4}, devices)
+  expected = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), devices=devices)
+  assert mesh.devices.tolist() == expected.devices.tolist()
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

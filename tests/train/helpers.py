@@ -6,6 +6,7 @@ from alignment import models
 from alignment.train import state as state_lib
 from alignment.train.model import setup_model
 from configs import sft as sft_config
+from configs.common import SHARDING_RULES
 
 
 def tiny_config(**train):
@@ -17,6 +18,12 @@ def tiny_config(**train):
 
 def tiny_model():
   return setup_model(tiny_config().model, seed=0)
+
+
+def policy_state(setup, mesh, optimizer):
+  """A train state whose one part, 'policy', is `setup`'s model trained by `optimizer`."""
+  parts = {"policy": setup.part(optimizer)}
+  return state_lib.create_train_state(parts, state_lib.state_shardings(parts, mesh, SHARDING_RULES), 0)
 
 
 def packed_row(examples, seq_len):
@@ -56,4 +63,4 @@ def vocab_size():
   return models.get_model_config("tiny-random").vocab_size
 
 
-__all__ = ["tiny_config", "tiny_model", "packed_row", "random_examples", "stack", "vocab_size", "state_lib"]
+__all__ = ["tiny_config", "tiny_model", "policy_state", "packed_row", "random_examples", "stack", "vocab_size", "state_lib"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignment.parallel import host_batch_to_global, make_mesh
+from alignment.parallel import make_mesh, shard_batch
 from alignment.train import state as state_lib
 from alignment.train.dpo import completion_positions, resolve_logit_capacity, sequence_logps
 from configs import dpo as dpo_config
@@ -114,7 +114,7 @@ def test_capacity_on_a_sharded_mesh_matches_one_device():
     params = setup.load_params(state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES))
     with jax.set_mesh(mesh):
       out = jax.jit(lambda p, b: sequence_logps(setup.spec.graphdef, p, b, impl="xla", pairs_per_row=2,
-                                                logit_capacity=capacity))(params, host_batch_to_global(batch, mesh))
+                                                logit_capacity=capacity))(params, shard_batch(batch, mesh))
     return jax.device_get(out)
 
   want = sums(make_mesh({"data": 1}, jax.devices()[:1]), 0)

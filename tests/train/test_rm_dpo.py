@@ -12,7 +12,7 @@ from flax import nnx
 from alignment import metrics
 from alignment.data import chat, preference, preference_pipeline
 from alignment.main import run
-from alignment.parallel import host_batch_to_global, make_mesh
+from alignment.parallel import make_mesh, shard_batch
 from alignment.train import state as state_lib
 from alignment.train.model import setup_model
 from alignment.train.rm import RewardScorer, pair_rewards
@@ -61,7 +61,7 @@ def test_reward_is_read_at_the_last_token_when_pad_equals_eos(tmp_path):
   mesh = make_mesh({"data": 1}, jax.devices()[:1])
   params = setup.load_params(state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES))
   chosen, rejected = jax.device_get(jax.jit(lambda p, b: pair_rewards(setup.spec.graphdef, p, b))(
-      params, host_batch_to_global(batch, mesh)))
+      params, shard_batch(batch, mesh)))
 
   model = jax.jit(lambda p, x: nnx.merge(setup.spec.graphdef, p)(x))
   checked = 0

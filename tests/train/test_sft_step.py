@@ -8,13 +8,14 @@ import pytest
 from flax import nnx
 
 from alignment.kernels import token_logprobs
-from alignment.parallel import host_batch_to_global, make_mesh
+from alignment.parallel import make_mesh, shard_batch
 from alignment.train import state as state_lib
 from alignment.train.optim import make_optimizer
 from alignment.train.sft import make_loss_fn
 from alignment.train.step import accumulate_gradients, make_train_step
 from configs.common import SHARDING_RULES
-from tests.train.helpers import packed_row, random_examples, stack, tiny_config, tiny_model, vocab_size
+from tests.train.helpers import (packed_row, policy_state, random_examples, stack, tiny_config, tiny_model,
+                                 vocab_size)
 
 SEQ = 48
 
@@ -28,10 +29,10 @@ def _loss_and_grads(mesh):
   setup = tiny_model()
   params = setup.load_params(state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES))
   loss_fn = make_loss_fn(setup.spec.graphdef, "naive")
-  batch = host_batch_to_global(_batch(), mesh)
+  batch = shard_batch(_batch(), mesh)
   with jax.set_mesh(mesh):
-    (loss_sum, (count, _)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        params, None, batch, jax.random.PRNGKey(0))
+    (loss_sum, (count, _)), grads = jax.jit(jax.value_and_grad(
+        lambda p, b, r: loss_fn({"policy": p}, b, r), has_aux=True))(params, batch, jax.random.PRNGKey(0))
   specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)}
   return float(loss_sum / count), jax.tree.map(lambda g: np.asarray(g) / float(count), grads), specs
 
@@ -64,20 +65,19 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight():
   host = stack(rows)
   counts = host["loss_mask"].reshape(2, 4, SEQ).sum(axis=(0, 2))  # micro-batch j holds rows j and j + 4
   assert counts.max() > 10 * counts.min()
-  batch = host_batch_to_global(host, mesh)
-  tx, schedule = make_optimizer(tiny_config().optim, 10)
+  batch = shard_batch(host, mesh)
+  optimizer = make_optimizer(tiny_config().optim, 10)
 
   results = {}
   for k in (1, 4):
     params = setup.load_params(shardings)
     with jax.set_mesh(mesh):
-      grads, loss_sum, count, _ = jax.jit(lambda p, b: accumulate_gradients(loss_fn, p, None, b, jax.random.PRNGKey(0), k))(
-          params, batch)
-      state = state_lib.create_train_state(params, tx, state_lib.state_shardings(
-          tx, setup.spec.abstract_params, shardings, mesh), 0)
-      state, metrics = jax.jit(make_train_step(loss_fn, tx, schedule, k))(state, batch)
-    results[k] = (jax.tree.map(lambda g: np.asarray(g) / float(count), grads), float(loss_sum / count),
-                  jax.device_get(state["params"]), float(metrics["loss"]))
+      grads, loss_sum, count, _ = jax.jit(lambda p, b: accumulate_gradients(
+          loss_fn, {"policy": p}, {}, b, jax.random.PRNGKey(0), k))(params, batch)
+      state = policy_state(setup, mesh, optimizer)
+      state, metrics = jax.jit(make_train_step(loss_fn, {"policy": optimizer}, k))(state, batch)
+    results[k] = (jax.tree.map(lambda g: np.asarray(g) / float(count), grads["policy"]), float(loss_sum / count),
+                  jax.device_get(state["policy"]), float(metrics["loss"]))
 
   (g1, l1, p1, m1), (g4, l4, p4, m4) = results[1], results[4]
   assert abs(l1 - l4) < 1e-6 and abs(m1 - m4) < 1e-6 and abs(m1 - l1) < 1e-6
