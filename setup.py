@@ -24,9 +24,12 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "absl-py>=2.1",
+        "etils[epath]>=1.7",  # every workdir path, so gs://... stays a URI
+        "gcsfs>=2024.2",      # what etils.epath reads and writes gs:// with (orbax's arrays go through TensorStore)
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0",
+                 "gcp-storage-emulator>=2024.1"],
         "bench": ["torch==2.13.0", "transformers>=4.50", "accelerate>=1.0", "trl>=1.0", "datasets>=3.0"],
     },
 )

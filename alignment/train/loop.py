@@ -55,19 +55,22 @@ def evaluate(eval_step, eval_data, mesh, max_batches: int) -> dict:
   return {f"eval/{k}": float(v) / denom for k, v in sums.items()}
 
 
-def _nonfinite_check(config, run: Run, state, record: dict, seen: int) -> int:
-  """Reports update steps skipped for a non-finite loss or gradient since the last check; with
-  nan_policy 'halt', stops the run (naming the first such step). Returns the count seen so far."""
-  skipped = int(record.get("train/skipped_steps", seen))
-  if skipped > seen:
-    first = int(jax.device_get(state["first_skipped_step"]))
-    where = f"step {first}" if skipped - seen == 1 else f"{skipped - seen} steps since the last log (first: {first})"
-    if config.train.nan_policy == "halt":
-      latest = run.ckpt.latest_step()
-      raise FloatingPointError(f"{where}: the loss or the gradient norm is not finite (config.train.nan_policy="
-                               f"halt); the last checkpoint ({latest if latest is not None else 'none'}) is intact")
-    print(f"warning: {where}: the loss or the gradient norm is not finite; update skipped "
-          f"(config.train.nan_policy=skip)", file=sys.stderr, flush=True)
+def _check_finite(config, run: Run, state, step: int, record: dict, seen: int) -> int:
+  """Reports updates skipped for a non-finite loss or gradient norm since the last logged step (the step
+  itself left params and optimizer state alone); with nan_policy 'halt', logs this step and stops the run,
+  naming the first such step. Returns the number skipped so far."""
+  skipped = int(record["train/skipped_steps"])
+  if skipped == seen:
+    return skipped
+  first = int(jax.device_get(state["first_skipped_step"]))
+  where = f"step {first}" if skipped - seen == 1 else f"{skipped - seen} steps up to {step} (the first: {first})"
+  if config.train.nan_policy == "halt":
+    run.log(step, record)
+    latest = run.ckpt.latest_step()
+    raise FloatingPointError(f"{where}: the loss or the gradient norm is not finite (config.train.nan_policy=halt); "
+                             f"the last checkpoint ({'none' if latest is None else latest}) is intact")
+  print(f"warning: {where}: the loss or the gradient norm is not finite; the update was skipped "
+        f"(config.train.nan_policy=skip)", file=sys.stderr, flush=True)
   return skipped
 
 
@@ -119,10 +122,11 @@ def train(config, workdir: str, build_task) -> dict:
         run.count_tokens(batch_tokens(batch))
         stop = run.stop_requested(step)
         last = step == config.train.steps
+        save = last or stop or (config.train.ckpt_every and step % config.train.ckpt_every == 0)
         record = {}
-        if run.should_log(step, stop):
+        if run.should_log(step) or save:  # a save follows a logged step, whose checks it relies on
           record = run.step_metrics(step, step_metrics)
-          skipped = _nonfinite_check(config, run, state, record, skipped)
+          skipped = _check_finite(config, run, state, step, record, skipped)
           summary.setdefault("first_loss", record["loss"])
           summary["final_loss"] = record["loss"]
         if task.eval_data is not None and config.train.eval_every and (
@@ -137,10 +141,7 @@ def train(config, workdir: str, build_task) -> dict:
               record.update(gym.run(step, parts()))
             summary.update({k: v for k, v in record.items() if k.startswith(("gym/", "monitor/"))})
         save_meta = None
-        if last or stop or (config.train.ckpt_every and step % config.train.ckpt_every == 0):
-          if not record:  # a save always follows a logged step, whose checks it relies on
-            record = run.step_metrics(step, step_metrics)
-            skipped = _nonfinite_check(config, run, state, record, skipped)
+        if save:
           save_meta = {"data": task.train_data.get_state()}
           if last and task.summarize is not None:
             save_meta["summary"] = task.summarize(parts())

@@ -9,7 +9,7 @@ progress, and the stop decision.
       run.count_tokens(n)
       stop = run.stop_requested(step)                          # read once per step, agreed by all hosts
       ...
-      if run.should_log(step, stop):
+      if run.should_log(step) or stop:
         run.log(step, run.step_metrics(step, metrics))
       if stop or ...: run.save(step, state, data_state)
       if stop: run.exit_preempted(step)                         # waits for the save, exits 143
@@ -127,9 +127,8 @@ class Run:
   def stop_requested(self, step: int) -> bool:
     return self.stop.decide(step)
 
-  def should_log(self, step: int, stop: bool = False) -> bool:
-    return (step % self.config.train.log_every == 0 or step == self.total_steps or step == self.start_step + 1
-            or stop)
+  def should_log(self, step: int) -> bool:
+    return step % self.config.train.log_every == 0 or step == self.total_steps or step == self.start_step + 1
 
   def step_metrics(self, step: int, step_metrics) -> dict:
     """The step's metrics on the host (the one device-to-host read of a logged step) with the timing since
