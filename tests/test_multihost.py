@@ -1,25 +1,30 @@
-"""Two JAX processes on this machine (4 fake CPU devices each) run one SFT job as a multi-host pod would."""
+"""Two JAX processes on this machine (4 fake CPU devices each) run one job as a multi-host pod would, and
+give the numbers one process with 8 devices gives on another mesh: SFT, RM, DPO with a live and with a
+cached reference. A SIGTERM to one host stops both at the same step, and the checkpoint resumes on the
+other number of hosts (both ways) to the uninterrupted losses."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
-import jax
 import numpy as np
 import pytest
 
 from alignment import metrics
-from alignment.data import chat, pipeline, sft as sft_data
-from alignment.parallel import host_batch_to_global, make_mesh
-from alignment.train import state as state_lib
-from alignment.train.sft import make_loss_fn
-from configs import sft as sft_config
-from configs.common import SHARDING_RULES
-from tests.train.helpers import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
+TWO_HOSTS_MESH = ("--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.tensor=1")
+ONE_HOST_MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+JOBS = {
+    "sft": ("configs/sft.py:tiny", ()),
+    "rm": ("configs/rm.py:tiny", ()),
+    "dpo_live": ("configs/dpo.py:tiny", ("--config.dpo.reference=live",)),
+    "dpo_cached": ("configs/dpo.py:tiny", ("--config.dpo.reference=cached",)),
+}
 
 
 def _free_port():
@@ -28,41 +33,107 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _start(job, workdir, shared, processes, *overrides):
+  """Starts the job's `processes` processes (8 devices in all); returns the Popen objects."""
+  config, extra = JOBS[job]
+  port = _free_port()
+  args = [sys.executable, "-m", "alignment.main", f"--config={config}", f"--workdir={workdir}",
+          f"--config.data.data_dir={shared / 'tfds'}", "--config.kernel.impl=naive", "--config.train.eval_every=2",
+          *extra, *(TWO_HOSTS_MESH if processes == 2 else ONE_HOST_MESH), *overrides]
+  if job.startswith("dpo"):
+    args.append(f"--config.dpo.ref_cache_dir={shared / f'ref_cache_{processes}'}")
+  procs = []
+  for pid in range(processes):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}", JAX_PLATFORMS="cpu")
+    if processes > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                 JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+  return procs
+
+
+def _finish(procs, codes=(0,)):
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode in codes, err[-3000:]
+  return outputs
+
+
+def _records(workdir):
+  return metrics.read_metrics(str(workdir))
+
+
+def _assert_same_run(got, want, keys=("loss", "grad_norm")):
+  assert sorted(got) == sorted(want)
+  for step in want:
+    for key in keys + tuple(k for k in want[step] if k.startswith("eval/")):
+      if key in want[step]:
+        assert got[step][key] == pytest.approx(want[step][key], abs=1e-5), (step, key)
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory):
+  """(job, *overrides) -> the records of that one-process run, run once when first asked for."""
+  shared = tmp_path_factory.mktemp("one_host")
+  cache = {}
+
+  def get(job, *overrides):
+    key = (job, *overrides)
+    if key not in cache:
+      workdir = shared / f"run{len(cache)}"
+      _finish(_start(job, workdir, shared, 1, *overrides))
+      cache[key] = _records(workdir)
+    return cache[key]
+  get.shared = shared
+  return get
+
+
 @pytest.mark.multihost
 @pytest.mark.slow
-def test_two_processes_train_one_job_on_a_global_batch_of_both_hosts_shards(tmp_path):
-  workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "alignment.main", "--config=configs/sft.py:tiny", f"--workdir={workdir}",
-         f"--config.data.data_dir={data_dir}", f"--config.train.steps={STEPS}", "--config.train.eval_every=0",
-         "--config.kernel.impl=naive", "--config.mesh.data=4", "--config.mesh.fsdp=2"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  logged = metrics.read_metrics(str(workdir))
-  assert sorted(logged) == list(range(1, STEPS + 1))
-  assert os.listdir(workdir / "checkpoints") == [str(STEPS)]
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_two_hosts_give_the_losses_of_one_host_on_another_mesh(tmp_path, one_host, job):
+  workdir = tmp_path / "run"
+  _finish(_start(job, workdir, one_host.shared, 2, f"--config.train.steps={STEPS}"))
+  got, want = _records(workdir), one_host(job, f"--config.train.steps={STEPS}")
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(STEPS)]
+  assert any(k.startswith("eval/") for k in want[STEPS])  # the eval passes are compared too
+  _assert_same_run(got, want)
+  if job == "dpo_cached":  # every host computed the whole reference table, the same one process computes
+    files = {n: sorted(os.listdir(one_host.shared / f"ref_cache_{n}")) for n in (1, 2)}
+    assert files[1] == files[2] and len(files[1]) == 2
+    for name in files[1]:  # sums of ~100 float32 log-probs each, reduced in another order on another mesh
+      np.testing.assert_allclose(np.load(one_host.shared / "ref_cache_2" / name),
+                                 np.load(one_host.shared / "ref_cache_1" / name),
+                                 rtol=16 * np.finfo(np.float32).eps, atol=0)
 
-  # Reference in this process: the step-1 loss over host 0's first batch followed by host 1's.
-  config = sft_config.get_config("tiny")
-  sources = sft_data.prepare_sft(config.data.train_path, data_dir=data_dir, eval_fraction=config.data.eval_fraction)
-  host_batches = [next(pipeline.make_sft_iterator(
-      sources["train"], tokenizer=chat.load_tokenizer(), template=chat.load_template(),
-      seq_len=config.data.seq_len, batch_size=config.train.batch_size // 2, seed=config.data.seed,
-      process_index=i, process_count=2)) for i in range(2)]
-  assert not np.array_equal(host_batches[0]["inputs"], host_batches[1]["inputs"])
-  global_batch = {k: np.concatenate([b[k] for b in host_batches]) for k in host_batches[0]}
-  mesh = make_mesh({"data": 1}, jax.devices()[:1])
-  setup = tiny_model()
-  params = setup.load_params(state_lib.param_shardings(setup.spec, mesh, SHARDING_RULES))
-  loss_sum, (count, _) = jax.jit(make_loss_fn(setup.spec.graphdef, "naive"))(
-      params, None, host_batch_to_global(global_batch, mesh), jax.random.PRNGKey(0))
-  assert logged[1]["loss"] == pytest.approx(float(loss_sum / count), abs=1e-5)
-  assert logged[1]["num_tokens"] == float(count)
+
+def _stop_after(procs, workdir, step, target=0):
+  """SIGTERM to process `target` once `workdir`'s metrics show `step`."""
+  deadline = time.time() + 600
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if (workdir / "metrics.jsonl").exists() and max(_records(workdir), default=0) >= step:
+      procs[target].send_signal(signal.SIGTERM)
+      return
+    time.sleep(0.05)
+  pytest.fail("the run ended before it could be stopped")
+
+
+@pytest.mark.multihost
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_stopped_job_resumes_on_another_number_of_hosts(tmp_path, one_host, first, then):
+  run_args = ("--config.train.steps=40", "--config.train.eval_every=0")  # room to stop the run midway
+  workdir = tmp_path / "run"
+  procs = _start("dpo_live", workdir, one_host.shared, first, *run_args)
+  _stop_after(procs, workdir, 3, target=first - 1)  # with two hosts, the one that does not write the metrics
+  outputs = _finish(procs, codes=(143,))
+  logged = _records(workdir)
+  stopped = max(logged)
+  assert 3 <= stopped < 40
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [stopped]  # every host saved that step
+  assert all(f"saved a checkpoint at step {stopped}" in err for _, err in outputs)
+
+  _finish(_start("dpo_live", workdir, one_host.shared, then, *run_args))
+  _assert_same_run(_records(workdir), one_host("dpo_live", *run_args))

@@ -151,11 +151,13 @@ def make_loss_fn(graphdef, dpo_config, *, impl: str, pairs_per_row: int, logit_c
 
 def params_fingerprint(params) -> str:
   """A content hash of (possibly sharded) params that never gathers them on one host: per leaf, its
-  shape, dtype and two position-weighted float64-accumulated sums computed on the devices."""
+  shape, dtype and two sums of its float32 bit patterns computed on the devices, one plain and one
+  weighted by position. The sums are of integers modulo 2^32, so they are exact in any order of
+  reduction: the same params give the same hash on any mesh and any number of hosts."""
   def leaf_stats(x):
-    flat = x.reshape(-1).astype(jnp.float32)
-    weights = jnp.sin(jnp.arange(flat.size, dtype=jnp.float32) * 0.7853981)  # order-sensitive
-    return jnp.stack([flat.sum(), (flat * weights).sum()])
+    bits = jax.lax.bitcast_convert_type(x.reshape(-1).astype(jnp.float32), jnp.uint32)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)  # order-sensitive
+    return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
   stats = jax.device_get(jax.jit(lambda p: jax.tree.map(leaf_stats, p))(params))
   h = hashlib.sha256()
   for (path, s), leaf in zip(jax.tree_util.tree_leaves_with_path(stats), jax.tree.leaves(params)):

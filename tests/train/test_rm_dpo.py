@@ -120,3 +120,23 @@ def test_logits_at_completion_cells_only_give_the_every_cell_losses(dpo_runs):
     assert gathered[step]["loss"] == pytest.approx(every[step]["loss"], abs=1e-5), step
   for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen"):
     assert gathered[20][key] == pytest.approx(every[20][key], rel=1e-5, abs=1e-5), key
+
+
+def test_params_fingerprint_is_the_same_on_any_mesh_and_sees_a_one_ulp_change():
+  from alignment.train.dpo import params_fingerprint
+  setup = setup_model(dpo_config.get_config("tiny").model, 0)
+  fingerprints = {}
+  for sizes in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "fsdp": 8}):
+    mesh = make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
+    fingerprints[str(sizes)] = params_fingerprint(setup.load_params(state_lib.param_shardings(setup.spec, mesh,
+                                                                                              SHARDING_RULES)))
+  assert len(set(fingerprints.values())) == 1, fingerprints
+  params = jax.device_get(setup.load_params(state_lib.param_shardings(setup.spec, make_mesh({"data": 1}, jax.devices()[:1]),
+                                                                      SHARDING_RULES)))
+  nudged = jax.tree.map(np.array, params)
+  leaf = nudged["layers"]["mlp"]["up"]
+  leaf[1, 3, 5] = np.nextafter(leaf[1, 3, 5], np.float32(np.inf))
+  assert params_fingerprint(nudged) != params_fingerprint(params)
+  swapped = jax.tree.map(np.array, params)
+  swapped["layers"]["mlp"]["up"] = swapped["layers"]["mlp"]["up"][::-1].copy()  # same values, other places
+  assert params_fingerprint(swapped) != params_fingerprint(params)
