@@ -8,9 +8,10 @@
               pallas_tpu in interpret mode (slow; for tests)
   pallas_tpu  Mosaic TPU kernels (pallas_tpu.py); interpret mode off a TPU
   pallas_gpu  Triton kernels through Pallas (pallas_gpu.py); interpret mode off a GPU
-  auto        pallas on TPU; xla on GPU and CPU (on an H100 the blockwise XLA path, whose matmuls
-              are cuBLAS's, ran fwd+bwd 1.25-1.9x faster than pallas_gpu at under 4% of naive's
-              memory: benchmarks/RESULTS.md)
+  auto        xla everywhere: on an H100 the blockwise XLA path, whose matmuls are cuBLAS's, ran
+              fwd+bwd 1.25-1.9x faster than pallas_gpu at under 4% of naive's memory
+              (benchmarks/RESULTS.md); the Mosaic TPU kernel lowers for TPU but has not run on one
+              yet, so a TPU takes xla too until it has (impl='pallas' asks for it)
 
 All fused backends share one custom_vjp (fused.py) and its vocabulary parallelism.
 """
@@ -64,7 +65,7 @@ def resolve_impl(impl, plat=None):
   """The concrete backend ('naive', 'xla', 'pallas_tpu', 'pallas_gpu') that `impl` means here."""
   plat = plat or platform()
   if impl == "auto":
-    impl = "pallas" if plat == "tpu" else "xla"
+    impl = "xla"
   if impl == "pallas":
     impl = "pallas_gpu" if plat == "gpu" else "pallas_tpu"
   return impl
