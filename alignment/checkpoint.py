@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state plus JSON metadata (data position, summary), local or behind a
 URI (orbax takes `etils.epath` paths)."""
 
+import logging
 from typing import Optional
 
 import jax
@@ -29,6 +30,10 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
+
+  def saved_keys(self, step: int) -> list:
+    """The top-level keys of the state saved at `step` (its parts and bookkeeping), from its metadata."""
+    return sorted(_state_tree(workdir_lib.resolve(self.manager.directory) / str(step) / "state"))
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-host: True at the step every host stops at after any of them got SIGTERM (JAX's
@@ -64,7 +69,7 @@ def restore_entry(directory, key: str, *, step: Optional[int] = None, sharding=N
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")
   path = directory / str(step) / "state"
-  tree = dict(ocp.StandardCheckpointer().metadata(path).item_metadata)
+  tree = _state_tree(path)
   if key not in tree:
     raise KeyError(f"{path}: the saved state has no {key!r} (it has {sorted(tree)})")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -75,6 +80,18 @@ def restore_entry(directory, key: str, *, step: Optional[int] = None, sharding=N
   restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
       item=abstract, restore_args=restore_args, partial_restore=True))
   return restored[key], step
+
+
+def _state_tree(path) -> dict:
+  """The saved state's tree of array metadata (shapes, dtypes), read from its own files. Orbax warns that
+  the step's metadata is not in this sub-folder (it is one level up, for the whole step): kept quiet."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    return dict(ocp.StandardCheckpointer().metadata(path).item_metadata)
+  finally:
+    absl_logger.setLevel(level)
 
 
 def restore_meta(directory, step: int) -> dict:

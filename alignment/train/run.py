@@ -70,9 +70,6 @@ class Run:
     self.workdir = workdir_lib.resolve(workdir)
     self.is_main = jax.process_index() == 0
     self.total_steps = int(config.train.steps)
-    if self.is_main:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     self.ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints", config.train.max_to_keep)
     self.stop = StopSignal(self.ckpt)
     self.start_step = 0
@@ -92,8 +89,17 @@ class Run:
     if latest is None:
       state, meta = state_lib.create_train_state(parts, shardings, self.config.train.seed), None
     else:
-      state, meta = self.ckpt.restore(latest, state_lib.abstract_state(parts, shardings))
+      abstract = state_lib.abstract_state(parts, shardings)
+      saved = self.ckpt.saved_keys(latest)
+      if saved != sorted(abstract):
+        raise ValueError(f"{self.workdir}/checkpoints/{latest} holds a state of {saved}; this run's state is "
+                         f"{sorted(abstract)} (another algorithm, or a workdir from before the state had named "
+                         f"parts): use a new workdir")
+      state, meta = self.ckpt.restore(latest, abstract)
       print(f"Resumed from {self.workdir}/checkpoints at step {latest}", file=sys.stderr)
+    if self.is_main:  # after the checks: a run refused leaves the workdir's config as it was
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
     self.start_step = int(jax.device_get(state["step"]))
     self.writer = metrics.MetricsWriter(self.workdir, self.start_step)
     return state, meta

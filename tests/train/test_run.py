@@ -1,0 +1,80 @@
+"""The shared run object under the supervised loop: a resumed run logs each step once, timing metrics
+count the tokens that were really trained, a workdir of another algorithm is refused before anything is
+written, and algorithms come from the registry."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from alignment import metrics
+from alignment.data import chat, pipeline, sft as sft_data
+from alignment.main import run
+from alignment.train import registry
+from configs import dpo as dpo_config, sft as sft_config
+
+
+def _config(tmp_path, module=sft_config, **train):
+  config = module.get_config("tiny")
+  config.kernel.impl = "naive"
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.train.eval_every = 0
+  for key, value in train.items():
+    config.train[key] = value
+  return config
+
+
+def _lines(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
+  config, workdir = _config(tmp_path, steps=6, ckpt_every=3), str(tmp_path / "run")
+  original = metrics.MetricsWriter.write
+
+  def crash_after_step_5(self, step, values):
+    original(self, step, values)
+    if step == 5:
+      raise RuntimeError("simulated crash")
+
+  with monkeypatch.context() as patched:
+    patched.setattr(metrics.MetricsWriter, "write", crash_after_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+      run(config, workdir)
+  assert [r["step"] for r in _lines(workdir)] == [1, 2, 3, 4, 5]  # 4 and 5 came after the checkpoint at 3
+  run(config, workdir)
+  assert [r["step"] for r in _lines(workdir)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_timing_metrics_count_the_real_tokens_of_each_step(tmp_path):
+  config, workdir = _config(tmp_path, steps=4), str(tmp_path / "run")
+  run(config, workdir)
+  records = {r["step"]: r for r in _lines(workdir)}
+  assert "time/first_step_s" in records[1] and "time/step_s" not in records[1]
+  d = config.data
+  sources = sft_data.prepare_sft(d.train_path, data_dir=d.data_dir, eval_fraction=d.eval_fraction)
+  batches = pipeline.make_sft_iterator(sources["train"], tokenizer=chat.load_tokenizer(), template=chat.load_template(),
+                                       seq_len=d.seq_len, batch_size=config.train.batch_size, seed=d.seed)
+  real = [int(np.count_nonzero(next(batches)["segment_ids"])) for _ in range(4)]
+  for step in (2, 3, 4):
+    r = records[step]
+    assert r["time/step_s"] > 0
+    assert r["time/tokens_per_s"] * r["time/step_s"] == pytest.approx(real[step - 1], rel=1e-6)
+
+
+def test_a_workdir_of_another_algorithm_is_refused_and_keeps_its_config(tmp_path):
+  workdir = str(tmp_path / "run")
+  run(_config(tmp_path, steps=1), workdir)
+  with pytest.raises(ValueError, match=r"checkpoints/1 holds a state of \[.*'policy'.*\]; this run's state is "
+                                       r"\[.*'ref'.*\] .*use a new workdir"):
+    run(_config(tmp_path, dpo_config, steps=1), workdir)
+  assert json.load(open(os.path.join(workdir, "config.json")))["algorithm"] == "sft"
+
+
+def test_unknown_algorithm_names_the_known_ones():
+  with pytest.raises(ValueError, match=r"config.algorithm='ppo_typo'; expected one of \['dpo', 'rm', 'sft'"):
+    registry.get("ppo_typo")
+  assert registry.get("sft") is registry.get("sft")
