@@ -1,6 +1,6 @@
 """Direct preference optimisation and its variants (`config.dpo.loss_type`), on packed preference rows.
 
-The reference is either live (a frozen copy of the starting params in the train state, evaluated in
+The reference is either live (a copy of the starting params, the state's untrained `ref` part, evaluated in
 the same fused kernel sweep as the policy) or cached: its sequence log-probabilities are computed once
 over the train split, stored under `config.dpo.ref_cache_dir` keyed by model and data fingerprints,
 and attached to each batch on the host. Reference-free losses (simpo, orpo) use neither.
