@@ -5,16 +5,12 @@
     out.tokens [B, N] int32, out.logprobs [B, N] float32, out.mask [B, N] (1 up to and including EOS)
 
 Prompts are left-padded, so every row's next token goes to the same cache slot and one decode step
-serves the whole batch. The cache holds [L, B, S, KV, Dh] keys and values, S = P + max_new_tokens.
-The forward is the model's own: we run its pure layer pieces (`transformer._rms_norm`, `_rope`, `_mlp`)
-on its own params, only attention reads and writes the cache. The prefill scans the stacked layers;
-the decode loop (a `lax.while_loop` that stops when every row hit EOS) is unrolled over layers. Params are the plain nested dict of
-`nnx.to_pure_dict(nnx.state(model, nnx.Param))` (what the trainer holds), so rollouts use live params.
-
-`logprobs` are under the distribution the token was drawn from: softmax(logits / T) restricted to
-the top-k / top-p set and renormalised; for greedy decoding, softmax(logits) (T = 1, untruncated), the
-teacher-forced log-probabilities.
-"""
+serves the whole batch. The cache (`transformer.init_cache`) holds S = P + max_new_tokens slots. The
+forward is the model's own: `transformer.layer`, the very function training runs, with a cache (its
+attention writes the new keys and values and attends over the cache). The prefill scans the stacked
+layers; the decode loop (a `lax.while_loop` that stops when every row hit EOS) is unrolled over layers,
+on weights fused once before it (`transformer.fuse_weights`). Params are the plain nested dict of
+`nnx.to_pure_dict(nnx.state(model, nnx.Param))` (what the trainer holds), so rollouts use live params."""
 
 import dataclasses
 import functools
@@ -30,7 +26,6 @@ from alignment.models import transformer as tfm
 from alignment.models.config import ModelConfig
 
 _F32 = jnp.float32
-_MASKED = float(np.finfo(np.float32).min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,157 +104,23 @@ def _choose(logprobs: jax.Array, s: SamplingConfig, rng) -> jax.Array:
 # Cached forward
 
 
-def _cached_attention(cfg: ModelConfig, x, w, cache_k, cache_v, start, rope, mask):
-  """x [B, T, D] at cache slots [start, start + T). Writes this layer's new keys/values into
-  cache_k/v [B, S, KV, Dh], then attends over the whole cache under mask [B, T, S]."""
-  dtype = x.dtype
-  B, T, _ = x.shape
-  q = jnp.einsum("btd,dhk->bthk", x, w["q"].astype(dtype))
-  k = jnp.einsum("btd,dhk->bthk", x, w["k"].astype(dtype))
-  v = jnp.einsum("btd,dhk->bthk", x, w["v"].astype(dtype))
-  if cfg.qkv_bias:
-    q, k, v = q + w["q_bias"].astype(dtype), k + w["k_bias"].astype(dtype), v + w["v_bias"].astype(dtype)
-  if cfg.qk_norm:
-    q, k = tfm._rms_norm(q, w["q_norm"], cfg.rms_eps), tfm._rms_norm(k, w["k_norm"], cfg.rms_eps)
-  q, k = tfm._rope(q, *rope), tfm._rope(k, *rope)
-  cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
-  cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
-  KV, Dh = cfg.n_kv_heads, cfg.head_dim
-  q = q.reshape(B, T, KV, cfg.n_heads // KV, Dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, cache_k.astype(dtype), preferred_element_type=_F32)
-  scores = jnp.where(mask[:, None, None], scores * cfg.attn_scale, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v.astype(dtype)).reshape(B, T, cfg.n_heads, Dh)
-  return jnp.einsum("bthk,hkd->btd", out, w["o"].astype(dtype)), cache_k, cache_v
-
-
-def _cached_layer(cfg, x, w, cache_k, cache_v, start, ctx, is_local):
-  """`transformer._layer` with cached attention."""
-  rope = tfm._select(is_local, ctx.get("local_rope"), ctx["rope"])
-  mask = tfm._select(is_local, ctx.get("local_mask"), ctx["mask"])
-  h, cache_k, cache_v = _cached_attention(cfg, tfm._rms_norm(x, w["attn_norm"], cfg.rms_eps), w["attn"],
-                                          cache_k, cache_v, start, rope, mask)
-  if cfg.post_norms:
-    h = tfm._rms_norm(h, w["post_attn_norm"], cfg.rms_eps)
-  x = x + h
-  h = tfm._mlp(cfg, tfm._rms_norm(x, w["mlp_norm"], cfg.rms_eps), w["mlp"])
-  if cfg.post_norms:
-    h = tfm._rms_norm(h, w["post_mlp_norm"], cfg.rms_eps)
-  return x + h, cache_k, cache_v
-
-
-def forward_cached(cfg: ModelConfig, params: dict, tokens, positions, start, key_valid, cache):
-  """Runs tokens [B, T] (at cache slots start..start+T-1, RoPE positions [B, T]) through the model,
-  filling the cache. key_valid [B, S]: slots holding a real token (False on left padding and on
-  slots not yet written). Returns (last hidden [B, D] after the final norm, cache)."""
-  dtype = jnp.dtype(cfg.dtype)
-  B, T = tokens.shape
-  S = key_valid.shape[1]
-  x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
-  if cfg.embed_scale:
-    x = x * jnp.asarray(cfg.embed_multiplier, dtype)
-  q_idx = start + jnp.arange(T)[:, None]
-  k_idx = jnp.arange(S)[None, :]
-  mask = key_valid[:, None, :] & (k_idx <= q_idx)[None]  # [B, T, S]
-  ctx = {"rope": tfm._rope_tables(positions, cfg.head_dim, cfg.rope_theta), "mask": mask}
-  flags = cfg.layer_is_local
-  if True in flags:
-    ctx["local_rope"] = tfm._rope_tables(positions, cfg.head_dim, cfg.local_theta)
-    ctx["local_mask"] = mask & ((q_idx - k_idx) < cfg.sliding_window)[None]
-
-  def body(carry, xs):
-    x, ck, cv = carry
-    w, l, is_local = xs
-    k_l, v_l = jax.lax.dynamic_index_in_dim(ck, l, keepdims=False), jax.lax.dynamic_index_in_dim(cv, l, keepdims=False)
-    static = flags[0] if len(set(flags)) == 1 else is_local
-    x, k_l, v_l = _cached_layer(cfg, x, w, k_l, v_l, start, ctx, static)
-    # Write back only this layer's slice: the loop carries one cache buffer, updated in place.
-    ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, l, 0)
-    cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, l, 0)
-    return (x, ck, cv), None
-
-  (x, ck, cv), _ = jax.lax.scan(
-      body, (x, cache["k"], cache["v"]),
-      (params["layers"], jnp.arange(cfg.n_layers), jnp.asarray(flags)))
-  h = tfm._rms_norm(x[:, -1], params["final_norm"], cfg.rms_eps)
-  return h, {"k": ck, "v": cv}
+def forward_cached(cfg: ModelConfig, params: dict, layers, tokens, positions, slot, key_valid, caches):
+  """Runs tokens [B, T] (at cache slots slot..slot+T-1, RoPE positions [B, T]) through the model's own
+  layers, filling the caches. key_valid [B, S]: slots holding a real token (False on left padding and
+  on slots not yet written). layers and caches: the stacked `params['layers']` and the stacked cache of
+  `transformer.init_cache` (prefill, scanned), or per-layer lists (`_decode_weights` and the cache's
+  slices; decode, unrolled). Returns (last hidden [B, D] after the final norm, caches)."""
+  x = tfm.embed(cfg, params["embed"], tokens)
+  ctx = tfm.cache_context(cfg, positions, slot, key_valid)
+  x, caches = tfm.apply_layers(cfg, x, layers, ctx, cfg.layer_is_local, caches)
+  return tfm.final_norm(cfg, x[:, -1], params["final_norm"]), caches
 
 
 def _decode_weights(cfg: ModelConfig, params: dict) -> list:
-  """Per-layer decode weights, split off the stacked params once, before the loop (a slice inside the
-  loop would copy them every step). q, k and v become one [D, (H + 2 KV) * Dh] matrix and gate and up
-  one [D, 2F]: at a few rows per step each matmul is short, so fewer, wider ones cost less."""
-  D = cfg.d_model
-  out = []
-  for i in range(cfg.n_layers):
-    w = jax.tree.map(lambda a: a[i], params["layers"])
-    attn, mlp = w.pop("attn"), w.pop("mlp")
-    w["qkv"] = jnp.concatenate([attn[n].reshape(D, -1) for n in ("q", "k", "v")], axis=-1)
-    if cfg.qkv_bias:
-      w["qkv_bias"] = jnp.concatenate([attn[n].reshape(-1) for n in ("q_bias", "k_bias", "v_bias")])
-    if cfg.qk_norm:
-      w["q_norm"], w["k_norm"] = attn["q_norm"], attn["k_norm"]
-    w["o"] = attn["o"].reshape(-1, D)
-    w["gate_up"] = jnp.concatenate([mlp["gate"], mlp["up"]], axis=-1)
-    w["down"] = mlp["down"]
-    out.append(w)
-  return out
-
-
-def _decode_layer(cfg: ModelConfig, x, w, k_cache, v_cache, slot, rope, mask):
-  """`transformer._layer` for one token per row, x [B, D], at cache `slot`. The caches are laid out
-  for the attention matmuls to read them as they lie, with no per-step transpose of the whole cache:
-  k_cache [B, KV, Dh, S], v_cache [B, KV, S, Dh]. mask [B, S]."""
-  dtype = x.dtype
-  B = x.shape[0]
-  H, KV, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  qkv = tfm._rms_norm(x, w["attn_norm"], cfg.rms_eps) @ w["qkv"].astype(dtype)
-  if cfg.qkv_bias:
-    qkv = qkv + w["qkv_bias"].astype(dtype)
-  q, k, v = jnp.split(qkv, [H * Dh, (H + KV) * Dh], axis=-1)
-  q, k = q.reshape(B, 1, H, Dh), k.reshape(B, 1, KV, Dh)
-  if cfg.qk_norm:
-    q, k = tfm._rms_norm(q, w["q_norm"], cfg.rms_eps), tfm._rms_norm(k, w["k_norm"], cfg.rms_eps)
-  q, k = tfm._rope(q, *rope), tfm._rope(k, *rope)
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k.reshape(B, KV, Dh, 1).astype(k_cache.dtype),
-                                         (0, 0, 0, slot))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v.reshape(B, KV, 1, Dh).astype(v_cache.dtype),
-                                         (0, 0, slot, 0))
-  q = q.reshape(B, KV, H // KV, Dh)
-  scores = jnp.einsum("bkgd,bkds->bkgs", q, k_cache.astype(dtype), preferred_element_type=_F32)
-  scores = jnp.where(mask[:, None, None], scores * cfg.attn_scale, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  h = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache.astype(dtype)).reshape(B, H * Dh) @ w["o"].astype(dtype)
-  if cfg.post_norms:
-    h = tfm._rms_norm(h, w["post_attn_norm"], cfg.rms_eps)
-  x = x + h
-  gate, up = jnp.split(tfm._rms_norm(x, w["mlp_norm"], cfg.rms_eps) @ w["gate_up"].astype(dtype), 2, axis=-1)
-  act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-  h = (act(gate) * up) @ w["down"].astype(dtype)
-  if cfg.post_norms:
-    h = tfm._rms_norm(h, w["post_mlp_norm"], cfg.rms_eps)
-  return x + h, k_cache, v_cache
-
-
-def decode_step(cfg: ModelConfig, params: dict, layers: list, token, position, slot, key_valid, caches):
-  """One token per row through the model. token, position [B]; slot: the cache slot it goes to;
-  layers: `_decode_weights`; caches: per-layer (k [B, KV, Dh, S], v [B, KV, S, Dh]). Unrolled over
-  layers: a decode step is memory-bound, and slicing stacked weights inside the loop would copy them."""
-  dtype = jnp.dtype(cfg.dtype)
-  x = jnp.take(params["embed"], token, axis=0).astype(dtype)
-  if cfg.embed_scale:
-    x = x * jnp.asarray(cfg.embed_multiplier, dtype)
-  idx = jnp.arange(key_valid.shape[1])
-  mask = key_valid & (idx <= slot)[None]
-  ctx = {False: (tfm._rope_tables(position[:, None], cfg.head_dim, cfg.rope_theta), mask)}
-  if True in cfg.layer_is_local:
-    ctx[True] = (tfm._rope_tables(position[:, None], cfg.head_dim, cfg.local_theta),
-                 mask & ((slot - idx) < cfg.sliding_window)[None])
-  new = []
-  for w, (k, v), is_local in zip(layers, caches, cfg.layer_is_local):
-    x, k, v = _decode_layer(cfg, x, w, k, v, slot, *ctx[is_local])
-    new.append((k, v))
-  return tfm._rms_norm(x, params["final_norm"], cfg.rms_eps), new
+  """Per-layer decode weights (`transformer.fuse_weights`: q, k, v as one matrix, gate and up as one),
+  split off the stacked params once, before the loop (a slice inside the loop would copy them every
+  step)."""
+  return [tfm.fuse_weights(cfg, jax.tree.map(lambda a: a[i], params["layers"])) for i in range(cfg.n_layers)]
 
 
 def _unembed_rows(cfg: ModelConfig, params) -> jax.Array:
@@ -273,25 +134,24 @@ def _unembed_rows(cfg: ModelConfig, params) -> jax.Array:
 
 
 def _cache_sharding(mesh, batch: int, kv_heads: int):
-  """[L, B, S, KV, Dh]: batch over ('data', 'fsdp'), KV heads over 'tensor', each only if it divides."""
+  """k [L, B, KV, Dh, S], v [L, B, KV, S, Dh]: batch over ('data', 'fsdp'), KV heads over 'tensor',
+  each only if it divides."""
   if mesh is None:
     return None
   size = lambda names: int(np.prod([mesh.shape[n] for n in names]))
   batch_axes = ("data", "fsdp") if batch % size(("data", "fsdp")) == 0 else None
   head_axis = "tensor" if kv_heads % size(("tensor",)) == 0 else None
-  return NamedSharding(mesh, P(None, batch_axes, None, head_axis, None))
+  return NamedSharding(mesh, P(None, batch_axes, head_axis, None, None))
 
 
 def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths, rng) -> Samples:
   B, Pw = tokens.shape
   N = s.max_new_tokens
   S = Pw + N
-  dtype = jnp.dtype(cfg.dtype)
   pad = Pw - lengths  # left padding per row
   positions = jnp.arange(Pw)[None, :] - pad[:, None]
   key_valid = jnp.concatenate([positions >= 0, jnp.zeros((B, N), bool)], axis=1)
-  shape = (cfg.n_layers, B, S, cfg.n_kv_heads, cfg.head_dim)
-  cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  cache = tfm.init_cache(cfg, B, S)
   cache_sharding = _cache_sharding(mesh, B, cfg.n_kv_heads)
   if cache_sharding is not None:
     cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
@@ -303,7 +163,8 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths
     token = _choose(logprobs, s, rng)
     return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
 
-  h, cache = forward_cached(cfg, params, tokens, jnp.maximum(positions, 0), 0, key_valid, cache)
+  h, cache = forward_cached(cfg, params, params["layers"], tokens, jnp.maximum(positions, 0), 0, key_valid,
+                            cache)
   rng, step_rng = jax.random.split(rng)
   token, logprob = pick(h, step_rng)
   eos = jnp.asarray(s.eos_ids or (-1,), jnp.int32)
@@ -314,8 +175,7 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths
 
   # Decode unrolled over layers, on per-layer weights and caches split once here.
   layers = _decode_weights(cfg, params)
-  caches = [(cache["k"][i].transpose(0, 2, 3, 1), cache["v"][i].transpose(0, 2, 1, 3))
-            for i in range(cfg.n_layers)]
+  caches = [jax.tree.map(lambda c: c[i], cache) for i in range(cfg.n_layers)]
 
   def cond(state):
     t, _, _, _, done, _, _ = state
@@ -325,7 +185,8 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths
     t, token, caches, key_valid, done, out, rng = state
     slot = Pw + t - 1  # the cache slot of `token`, the last emitted one
     key_valid = jax.lax.dynamic_update_index_in_dim(key_valid, jnp.ones((B,), bool), slot, 1)
-    h, caches = decode_step(cfg, params, layers, token, lengths + t - 1, slot, key_valid, caches)
+    h, caches = forward_cached(cfg, params, layers, token[:, None], (lengths + t - 1)[:, None], slot, key_valid,
+                               caches)
     rng, step_rng = jax.random.split(rng)
     new, logprob = pick(h, step_rng)
     live = ~done

@@ -1,8 +1,10 @@
 """Decoder-only transformer (Llama, SmolLM2, Qwen2, Gemma 3 text) as a Flax NNX module.
 
 Every per-layer weight is stacked with a leading [L] ('layers') dimension; the forward applies one pure
-function, `_layer`, to each layer's slice: with `lax.scan` when `cfg.scan_layers` (one compiled layer), a
+function, `layer`, to each layer's slice: with `lax.scan` when `cfg.scan_layers` (one compiled layer), a
 Python loop otherwise, under `jax.checkpoint` when `cfg.remat` asks. Both paths use the same param tree.
+The same `layer` serves the KV-cache sampler (`alignment.models.sampler`): given a cache, attention writes
+the new keys and values into it and attends over it, so sampler and trainer compute the same numbers.
 
 Every parameter carries logical axis names (out_sharding metadata, never applied eagerly), so that
 `nnx.get_partition_spec(nnx.state(model, nnx.Param))` gives e.g. P('layers', 'embed', 'heads', 'kv').
@@ -134,16 +136,13 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
       segment_ids = jnp.ones((B, T), jnp.int32)
-    dtype = jnp.dtype(cfg.dtype)
-    embed = jax.lax.stop_gradient(self.embed[...]) if cfg.frozen_embeddings else self.embed[...]
-    x = jnp.take(embed, tokens, axis=0).astype(dtype)
-    if cfg.embed_scale:
-      x = x * jnp.asarray(cfg.embed_multiplier, dtype)
-    ctx = _context(cfg, positions, segment_ids)
+    table = jax.lax.stop_gradient(self.embed[...]) if cfg.frozen_embeddings else self.embed[...]
+    x = embed(cfg, table, tokens)
+    ctx = context(cfg, positions, segment_ids)
     n = cfg.frozen_layers
     if n:
       lower = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:n]), self._layer_weights())
-      x = jax.lax.stop_gradient(_apply_layers(cfg, x, lower, ctx, cfg.layer_is_local[:n]))
+      x = jax.lax.stop_gradient(apply_layers(cfg, x, lower, ctx, cfg.layer_is_local[:n])[0])
     return x, ctx
 
   def top(self, x: jax.Array, ctx) -> jax.Array:
@@ -151,8 +150,8 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     n = cfg.frozen_layers
     upper = jax.tree.map(lambda a: a[n:], self._layer_weights()) if n else self._layer_weights()
-    x = _apply_layers(cfg, x, upper, ctx, cfg.layer_is_local[n:])
-    return _rms_norm(x, self.final_norm[...], cfg.rms_eps)
+    x, _ = apply_layers(cfg, x, upper, ctx, cfg.layer_is_local[n:])
+    return final_norm(cfg, x, self.final_norm[...])
 
   def _layer_weights(self) -> dict:
     return nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
@@ -165,7 +164,22 @@ class Transformer(nnx.Module):
     return self.unembed[...]
 
 
-# The forward, as pure functions of arrays.
+# The forward, as pure functions of arrays: the same code trains (no cache), prefills and decodes (a
+# KV cache). `embed`, `context` / `cache_context`, `apply_layers` (or `layer`) and `final_norm` are what
+# the KV-cache sampler calls; `init_cache` and `fuse_weights` give it the cache and the decode weights.
+
+
+def embed(cfg: ModelConfig, table, tokens):
+  """tokens [B, T] int32 -> x [B, T, D] in the compute dtype. table: the embedding [V, D]."""
+  x = jnp.take(table, tokens, axis=0).astype(cfg.dtype)
+  if cfg.embed_scale:
+    x = x * jnp.asarray(cfg.embed_multiplier, cfg.dtype)
+  return x
+
+
+def final_norm(cfg: ModelConfig, x, scale):
+  """x [..., D] -> the final-norm hidden states in x's dtype. scale: the `final_norm` param [D]."""
+  return _rms_norm(x, scale, cfg.rms_eps)
 
 
 def _rms_norm(x, scale, eps):
@@ -189,21 +203,59 @@ def _rope(x, cos, sin):
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def _context(cfg: ModelConfig, positions, segment_ids):
-  """Per-call tensors shared by all layers: RoPE tables and boolean masks [B, T, T] (query, key)."""
-  T = positions.shape[1]
-  idx = jnp.arange(T)
+def context(cfg: ModelConfig, positions, segment_ids):
+  """Per-call tensors shared by all layers, without a cache: RoPE tables and boolean masks [B, T, T]
+  (query, key). positions, segment_ids [B, T] int32."""
+  idx = jnp.arange(positions.shape[1])
   causal = idx[None, :] <= idx[:, None]
   # Padding (segment 0) attends to earlier padding, so no row is empty and nothing is NaN.
   mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  local = set(cfg.layer_is_local)
+  # Windowed by token index, as HF does; within a segment that equals the position difference.
+  return _context(cfg, positions, mask, idx[:, None] - idx[None, :])
+
+
+def cache_context(cfg: ModelConfig, positions, slot, key_valid):
+  """Per-call tensors shared by all layers when tokens [B, T] go to cache slots slot..slot+T-1 (the same
+  for every row: prompts are left-padded). positions [B, T]: their RoPE positions; slot: an int32
+  scalar; key_valid [B, S]: the slots holding a real token, these included. A query sees the valid
+  slots up to its own (masks [B, T, S])."""
+  q_idx = slot + jnp.arange(positions.shape[1])[:, None]
+  k_idx = jnp.arange(key_valid.shape[1])[None, :]
+  ctx = _context(cfg, positions, key_valid[:, None, :] & (k_idx <= q_idx)[None], q_idx - k_idx)
+  ctx["slot"] = slot
+  return ctx
+
+
+def _context(cfg: ModelConfig, positions, mask, distance):
+  """RoPE tables and masks; the local layers' mask adds the sliding window over `distance` [T, S] (query
+  index - key index)."""
   ctx = {"rope": _rope_tables(positions, cfg.head_dim, cfg.rope_theta), "mask": mask}
-  if True in local:
+  if True in cfg.layer_is_local:
     ctx["local_rope"] = (ctx["rope"] if cfg.local_theta == cfg.rope_theta
                          else _rope_tables(positions, cfg.head_dim, cfg.local_theta))
-    # Windowed by token index, as HF does; within a segment that equals the position difference.
-    ctx["local_mask"] = mask & ((idx[:, None] - idx[None, :]) < cfg.sliding_window)[None]
+    ctx["local_mask"] = mask & (distance < cfg.sliding_window)[None]
   return ctx
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty KV cache for `length` slots, stacked over layers, in the compute dtype: k [L, B, KV, Dh, S]
+  and v [L, B, KV, S, Dh], laid out for the attention matmuls to read them as they lie (no transpose
+  of the whole cache at each decode step)."""
+  L, KV, Dh = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+  return {"k": jnp.zeros((L, batch, KV, Dh, length), cfg.dtype),
+          "v": jnp.zeros((L, batch, KV, length, Dh), cfg.dtype)}
+
+
+def fuse_weights(cfg: ModelConfig, w: dict) -> dict:
+  """One layer's weights with q, k and v as one `qkv` [D, (H + 2 KV) * Dh] (their biases as one
+  `qkv_bias`) and gate and up as one `gate_up` [D, 2F]. At a few rows per step (decoding) each matmul
+  is short, so fewer, wider ones cost less. `layer` reads either form."""
+  attn, mlp = dict(w["attn"]), dict(w["mlp"])
+  attn["qkv"] = jnp.concatenate([attn.pop(n).reshape(cfg.d_model, -1) for n in ("q", "k", "v")], axis=-1)
+  if cfg.qkv_bias:
+    attn["qkv_bias"] = jnp.concatenate([attn.pop(n).reshape(-1) for n in ("q_bias", "k_bias", "v_bias")])
+  mlp["gate_up"] = jnp.concatenate([mlp.pop("gate"), mlp.pop("up")], axis=-1)
+  return {**w, "attn": attn, "mlp": mlp}
 
 
 def _select(is_local, local, global_):
@@ -222,55 +274,99 @@ def _dense(x, w, contract: int = 1):
   return (x.reshape(-1, n_in) @ w.reshape(n_in, -1)).reshape(*lead, *out)
 
 
-def _attention(cfg: ModelConfig, x, w, rope, mask):
-  """Grouped-query causal attention. x [B, T, D]; w: one layer's attention arrays; mask [B, T, T]."""
+def _qkv(cfg: ModelConfig, x, w):
+  """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, KV, Dh], from q, k, v or a fused `qkv`."""
+  dtype = x.dtype
+  if "qkv" not in w:
+    q, k, v = (_dense(x, w[name].astype(dtype)) for name in ("q", "k", "v"))
+    if cfg.qkv_bias:
+      q, k, v = q + w["q_bias"].astype(dtype), k + w["k_bias"].astype(dtype), v + w["v_bias"].astype(dtype)
+    return q, k, v
+  B, T, _ = x.shape
+  H, KV, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  qkv = _dense(x, w["qkv"].astype(dtype))
+  if cfg.qkv_bias:
+    qkv = qkv + w["qkv_bias"].astype(dtype)
+  q, k, v = jnp.split(qkv, [H * Dh, (H + KV) * Dh], axis=-1)
+  return q.reshape(B, T, H, Dh), k.reshape(B, T, KV, Dh), v.reshape(B, T, KV, Dh)
+
+
+def _attention(cfg: ModelConfig, x, w, rope, mask, cache=None, slot=None):
+  """Grouped-query causal attention. x [B, T, D]; w: one layer's attention arrays (q, k, v or qkv).
+
+  Without a cache, mask is [B, T, T]. With one (see `init_cache`, one layer's slice), the new keys and
+  values are written at cache slots slot..slot+T-1 and the queries attend over the whole cache under
+  mask [B, T, S]. Returns (out [B, T, D], the updated cache or None)."""
   dtype = x.dtype
   B, T, _ = x.shape
-  q, k, v = (_dense(x, w[name].astype(dtype)) for name in ("q", "k", "v"))
-  if cfg.qkv_bias:
-    q, k, v = q + w["q_bias"].astype(dtype), k + w["k_bias"].astype(dtype), v + w["v_bias"].astype(dtype)
+  q, k, v = _qkv(cfg, x, w)
   if cfg.qk_norm:
     q, k = _rms_norm(q, w["q_norm"], cfg.rms_eps), _rms_norm(k, w["k_norm"], cfg.rms_eps)
   q, k = _rope(q, *rope), _rope(k, *rope)
   # Query head h = kv_head * G + g, as HF's repeat_kv; K and V are never repeated.
   KV, Dh = cfg.n_kv_heads, cfg.head_dim
   q = q.reshape(B, T, KV, cfg.n_heads // KV, Dh)
-  blocks = _QUERY_BLOCKS if T % _QUERY_BLOCKS == 0 and T >= _QUERY_BLOCKS * 32 else 1
-  size = T // blocks
-  out = jnp.concatenate([_attend(cfg, q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size],
-                                 mask[:, i * size:(i + 1) * size, :(i + 1) * size]) for i in range(blocks)], axis=1)
-  return _dense(out.reshape(B, T, cfg.n_heads, Dh), w["o"].astype(dtype), contract=2)
+  if cache is not None:
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype),
+                                               (0, 0, 0, slot)),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
+                                               (0, 0, slot, 0))}
+    out = _attend(cfg, q, cache["k"].astype(dtype), cache["v"].astype(dtype), mask, cached=True)
+  else:
+    blocks = _QUERY_BLOCKS if T % _QUERY_BLOCKS == 0 and T >= _QUERY_BLOCKS * 32 else 1
+    size = T // blocks
+    out = jnp.concatenate([_attend(cfg, q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size],
+                                   mask[:, i * size:(i + 1) * size, :(i + 1) * size]) for i in range(blocks)], axis=1)
+  return _dense(out.reshape(B, T, cfg.n_heads, Dh), w["o"].astype(dtype), contract=2), cache
 
 
-def _attend(cfg: ModelConfig, q, k, v, mask):
-  """softmax(q k^T * scale) v over the keys `mask` allows. q [B, Tq, KV, G, Dh]; k, v [B, Tk, KV, Dh];
-  mask [B, Tq, Tk] -> [B, Tq, KV, G, Dh]."""
+def _attend(cfg: ModelConfig, q, k, v, mask, cached=False):
+  """softmax(q k^T * scale) v over the keys `mask` allows. q [B, Tq, KV, G, Dh]; mask [B, Tq, Tk] ->
+  [B, Tq, KV, G, Dh]. k, v [B, Tk, KV, Dh] as projected, or when `cached` as a cache holds them:
+  k [B, KV, Dh, Tk], v [B, KV, Tk, Dh]."""
+  if cached:
+    # Scores and output in the matmuls' own order, [B, KV, Tq, G, ...]: at Tq = 1 (decode) XLA:CPU then
+    # runs the layer with no transpose; the training order below costs it 4 small ones a layer there.
+    scores = jnp.einsum("btkgd,bkds->bktgs", q, k, preferred_element_type=_F32) * cfg.attn_scale
+    probs = _masked_softmax(scores, mask[:, None, :, None], q.dtype)
+    return jnp.swapaxes(jnp.einsum("bktgs,bksd->bktgd", probs, v), 1, 2)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=_F32) * cfg.attn_scale
-  scores = jnp.where(mask[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  probs = _masked_softmax(scores, mask[:, None, None], q.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
+def _masked_softmax(scores, mask, dtype):
+  """softmax over the last axis of float32 scores where mask (broadcast) is True, in `dtype`."""
+  return jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1).astype(dtype)
+
+
 def _mlp(cfg: ModelConfig, x, w):
+  """Gated MLP, from gate and up or a fused `gate_up`. x [B, T, D] -> [B, T, D]."""
   dtype = x.dtype
   act = jax.nn.silu if cfg.activation == "silu" else functools.partial(jax.nn.gelu, approximate=True)
-  gate, up = _dense(x, w["gate"].astype(dtype)), _dense(x, w["up"].astype(dtype))
+  if "gate_up" in w:
+    gate, up = jnp.split(_dense(x, w["gate_up"].astype(dtype)), 2, axis=-1)
+  else:
+    gate, up = _dense(x, w["gate"].astype(dtype)), _dense(x, w["up"].astype(dtype))
   return _dense(act(gate) * up, w["down"].astype(dtype))
 
 
-def _layer(cfg: ModelConfig, x, w, ctx, is_local):
-  """One pre-norm decoder layer. x [B, T, D]; w: this layer's arrays (no leading L); is_local: a Python
-  bool, or a traced bool scalar when a scan runs over layers of both kinds."""
+def layer(cfg: ModelConfig, x, w, ctx, is_local, cache=None):
+  """One pre-norm decoder layer. x [B, T, D]; w: this layer's arrays (no leading L; unfused, or fused by
+  `fuse_weights`); ctx: from `context`, or from `cache_context` with a cache; is_local: a Python bool,
+  or a traced bool scalar when a scan runs over layers of both kinds; cache: None, or this layer's
+  {'k', 'v'} (`init_cache` without the L). Returns (x, the updated cache or None)."""
   rope = _select(is_local, ctx.get("local_rope"), ctx["rope"])
   mask = _select(is_local, ctx.get("local_mask"), ctx["mask"])
-  h = _attention(cfg, _rms_norm(x, w["attn_norm"], cfg.rms_eps), w["attn"], rope, mask)
+  h, cache = _attention(cfg, _rms_norm(x, w["attn_norm"], cfg.rms_eps), w["attn"], rope, mask, cache,
+                        ctx.get("slot"))
   if cfg.post_norms:
     h = _rms_norm(h, w["post_attn_norm"], cfg.rms_eps)
   x = x + h
   h = _mlp(cfg, _rms_norm(x, w["mlp_norm"], cfg.rms_eps), w["mlp"])
   if cfg.post_norms:
     h = _rms_norm(h, w["post_mlp_norm"], cfg.rms_eps)
-  return x + h
+  return x + h, cache
 
 
 # remat -> the jax.checkpoint policy (None: save nothing but the layer's input). 'all_dots' trades the
@@ -286,19 +382,48 @@ def _remat(cfg: ModelConfig, fn):
   return jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
-def _apply_layers(cfg: ModelConfig, x, weights, ctx, flags):
-  """Runs stacked layers. x [B, T, D]; weights: nested dict of [L', ...] arrays; flags: their is-local flags."""
+def apply_layers(cfg: ModelConfig, x, weights, ctx, flags, caches=None):
+  """Runs layers over x [B, T, D]; flags: their is-local flags. Returns (x, the updated caches or None).
+
+  Without caches (training), weights are stacked ([L', ...] arrays) and run under `cfg.remat`, scanned
+  when `cfg.scan_layers`. With caches, either stacked weights and the stacked cache of `init_cache`
+  (scanned; prefill), or lists of per-layer weights and caches (unrolled; decode, where slicing stacked
+  weights inside a loop would copy them every step)."""
+  if caches is not None:
+    return _apply_cached(cfg, x, weights, ctx, flags, caches)
   if not cfg.scan_layers:
     for i, is_local in enumerate(flags):
-      layer = _remat(cfg, functools.partial(_layer, cfg, is_local=is_local))
-      x = layer(x, jax.tree.map(lambda a: a[i], weights), ctx)
-    return x
+      fn = _remat(cfg, functools.partial(layer, cfg, is_local=is_local))
+      x, _ = fn(x, jax.tree.map(lambda a: a[i], weights), ctx)
+    return x, None
   if len(set(flags)) == 1:  # all layers alike: the flag stays static
-    layer = _remat(cfg, functools.partial(_layer, cfg, is_local=flags[0]))
-    x, _ = jax.lax.scan(lambda carry, w: (layer(carry, w, ctx), None), x, weights)
-    return x
+    fn = _remat(cfg, functools.partial(layer, cfg, is_local=flags[0]))
+    x, _ = jax.lax.scan(lambda carry, w: (fn(carry, w, ctx)[0], None), x, weights)
+    return x, None
   # Local and global layers mixed (Gemma 3): the per-layer flag is a scanned input.
-  layer = _remat(cfg, functools.partial(_layer, cfg))
-  x, _ = jax.lax.scan(lambda carry, xs: (layer(carry, xs[0], ctx, xs[1]), None), x,
+  fn = _remat(cfg, functools.partial(layer, cfg))
+  x, _ = jax.lax.scan(lambda carry, xs: (fn(carry, xs[0], ctx, xs[1])[0], None), x,
                       (weights, jnp.asarray(flags)))
-  return x
+  return x, None
+
+
+def _apply_cached(cfg: ModelConfig, x, weights, ctx, flags, caches):
+  """`apply_layers` with caches: per-layer lists unrolled, or stacked weights and cache scanned."""
+  if isinstance(caches, (list, tuple)):
+    new = []
+    for w, cache, is_local in zip(weights, caches, flags):
+      x, cache = layer(cfg, x, w, ctx, is_local, cache)
+      new.append(cache)
+    return x, new
+
+  def body(carry, xs):
+    x, caches = carry
+    w, i, is_local = xs
+    cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False), caches)
+    x, cache = layer(cfg, x, w, ctx, flags[0] if len(set(flags)) == 1 else is_local, cache)
+    # Write back only this layer's slice: the loop carries one cache buffer, updated in place.
+    caches = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0), caches, cache)
+    return (x, caches), None
+
+  (x, caches), _ = jax.lax.scan(body, (x, caches), (weights, jnp.arange(len(flags)), jnp.asarray(flags)))
+  return x, caches
