@@ -27,6 +27,7 @@ GEMMA3 = ModelConfig(vocab_size=61, d_model=24, n_layers=2, n_heads=4, n_kv_head
                      query_pre_attn_scalar=10.0)
 CONFIGS = {"llama": LLAMA, "qwen2": QWEN2, "gemma3": GEMMA3}
 LOGICAL = {"vocab", "embed", "heads", "kv", "mlp", "layers", None}
+_EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture(autouse=True)
@@ -286,13 +287,21 @@ def test_frozen_layers_zero_lower_gradients_and_keep_the_rest(name, frozen):
   want_loss, want = grads(base)
   got_loss, got = grads(dataclasses.replace(base, frozen_layers=frozen))
   assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)  # two scans: another summation order
+  # Zero where the gradient is stopped, exactly.
   assert not np.any(got["embed"])
-  for key in jax.tree_util.tree_leaves_with_path(got["layers"]):
-    path, g = key
-    w = functools.reduce(lambda d, k: d[k.key], path, want["layers"])
+  for path, g in jax.tree_util.tree_leaves_with_path(got["layers"]):
     assert not np.any(g[:frozen]), jax.tree_util.keystr(path)
-    np.testing.assert_allclose(g[frozen:], w[frozen:], atol=1e-5 * np.abs(w).max(), rtol=0)
-  np.testing.assert_allclose(got["final_norm"], want["final_norm"], rtol=1e-5, atol=1e-6)
+  # Equal elsewhere, up to float32 reordering noise: each gradient element is a sum over all tokens, the
+  # frozen model's summed in another order (two scans), so an element differs by a few hundred float32
+  # epsilons of the leaf's largest |gradient| in absolute terms, whatever its own size (a small element
+  # is the small difference of large terms).
+  close = lambda g, w, path: np.testing.assert_allclose(g, w, atol=256 * _EPS32 * np.abs(w).max(), rtol=0,
+                                                        err_msg=path)
+  for path, g in jax.tree_util.tree_leaves_with_path(got["layers"]):
+    w = functools.reduce(lambda d, k: d[k.key], path, want["layers"])
+    close(g[frozen:], w[frozen:], jax.tree_util.keystr(path))
+  for name in ("final_norm", "unembed"):
+    close(got[name], want[name], name)
   with pytest.raises(ValueError, match="frozen_layers"):
     dataclasses.replace(base, frozen_layers=base.n_layers + 1)
 
