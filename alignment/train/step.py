@@ -82,16 +82,23 @@ def make_train_step(loss_fn: Callable, optimizers: Mapping[str, Optimizer], grad
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = dict(state, rng=rng, step=state["step"] + 1)
-    new_state["opt_state"] = {}
+
+    def update(args):
+      params, opt_states = args
+      new_params, new_opt_states = {}, {}
+      for name in names:
+        updates, new_opt_states[name] = optimizers[name].tx.update(grads[name], opt_states[name], params[name])
+        new_params[name] = optax.apply_updates(params[name], updates)
+      return new_params, new_opt_states
+
+    # A branch, not a select of new and old values: `where` over params and moments costs an extra pass over
+    # memory every step (~0.3 s on SmolLM2 on 2 CPU cores); the skip branch runs only on a bad step.
+    new_params, new_opt_states = jax.lax.cond(finite, update, lambda args: args, (trained, state["opt_state"]))
+    new_state = dict(state, **new_params, opt_state=new_opt_states, rng=rng, step=state["step"] + 1)
     metrics = {"loss": loss_sum / denom, count_name: count, "grad_norm": grad_norm,
                "lr": optimizers[names[0]].schedule(state["step"])}
-    for name in names:
-      updates, opt_state = optimizers[name].tx.update(grads[name], state["opt_state"][name], trained[name])
-      new_state[name] = keep_if_finite(optax.apply_updates(trained[name], updates), trained[name])
-      new_state["opt_state"][name] = keep_if_finite(opt_state, state["opt_state"][name])
-      if len(names) > 1:
+    if len(names) > 1:
+      for name in names:
         metrics[f"grad_norm/{name}"] = optax.global_norm(grads[name])
         metrics[f"lr/{name}"] = optimizers[name].schedule(state["step"])
     skipped = (~finite).astype(jnp.int32)
