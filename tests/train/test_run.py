@@ -78,3 +78,23 @@ def test_unknown_algorithm_names_the_known_ones():
   with pytest.raises(ValueError, match=r"config.algorithm='ppo_typo'; expected one of \['dpo', 'rm', 'sft'"):
     registry.get("ppo_typo")
   assert registry.get("sft") is registry.get("sft")
+
+
+def test_what_a_job_cannot_do_is_refused_before_anything_loads(monkeypatch):
+  import jax
+  from alignment.parallel import make_mesh
+  from alignment.train.loop import check_run_config
+  mesh = make_mesh({"data": 4, "fsdp": 2})
+  config = dpo_config.get_config("tiny")
+  config.evals.every = 5
+  check_run_config(config, mesh)  # one host: fine
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"config.evals.every=5: gym evals during training run on one host; this job "
+                                       r"has 2: set it to 0"):
+    check_run_config(config, mesh)
+  config.evals.every, config.train.nan_policy = 0, "ignore"
+  with pytest.raises(ValueError, match=r"config.train.nan_policy='ignore'; expected one of \('skip', 'halt'\)"):
+    check_run_config(config, mesh)
+  config.train.nan_policy, config.train.batch_size = "skip", 12
+  with pytest.raises(ValueError, match=r"config.train.batch_size=12 must be divisible by data x fsdp \(8\)"):
+    check_run_config(config, mesh)
