@@ -1,7 +1,11 @@
 """Two JAX processes on this machine (4 fake CPU devices each) run one job as a multi-host pod would, and
-give the numbers one process with 8 devices gives on another mesh: SFT, RM, DPO with a live and with a
-cached reference. A SIGTERM to one host stops both at the same step, and the checkpoint resumes on the
-other number of hosts (both ways) to the uninterrupted losses."""
+give the numbers one process with 8 devices gives: SFT, RM, DPO with a live and with a cached reference.
+A SIGTERM to one host stops both at the same step, and the checkpoint resumes on the other number of
+hosts and another mesh (both ways) to the uninterrupted losses.
+
+Tolerances: 1e-5 of each value's scale (at least 1). On the same mesh the two set-ups differ only in how
+the hosts' collectives sum (measured: at most 1.5e-6 of the value); across meshes the matmuls sum in other
+orders too (DPO over 40 steps: at most 6e-7 of the value). Reading a wrong batch moves a loss by ~1e-2."""
 
 import os
 import signal
@@ -17,8 +21,8 @@ from alignment import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-TWO_HOSTS_MESH = ("--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.tensor=1")
-ONE_HOST_MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+MESH = ("--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.mesh.tensor=1")
+OTHER_MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
 JOBS = {
     "sft": ("configs/sft.py:tiny", ()),
     "rm": ("configs/rm.py:tiny", ()),
@@ -33,13 +37,13 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start(job, workdir, shared, processes, *overrides):
+def _start(job, workdir, shared, processes, *overrides, mesh=MESH):
   """Starts the job's `processes` processes (8 devices in all); returns the Popen objects."""
   config, extra = JOBS[job]
   port = _free_port()
   args = [sys.executable, "-m", "alignment.main", f"--config={config}", f"--workdir={workdir}",
           f"--config.data.data_dir={shared / 'tfds'}", "--config.kernel.impl=naive", "--config.train.eval_every=2",
-          *extra, *(TWO_HOSTS_MESH if processes == 2 else ONE_HOST_MESH), *overrides]
+          *extra, *mesh, *overrides]
   if job.startswith("dpo"):
     args.append(f"--config.dpo.ref_cache_dir={shared / f'ref_cache_{processes}'}")
   procs = []
@@ -65,12 +69,15 @@ def _records(workdir):
   return metrics.read_metrics(str(workdir))
 
 
-def _assert_same_run(got, want, keys=("loss", "grad_norm")):
+def _assert_same_run(got, want):
+  """Every metric of every step (timings aside) within 1e-5 of its scale."""
   assert sorted(got) == sorted(want)
   for step in want:
-    for key in keys + tuple(k for k in want[step] if k.startswith("eval/")):
-      if key in want[step]:
-        assert got[step][key] == pytest.approx(want[step][key], abs=1e-5), (step, key)
+    keys = [k for k in want[step] if k not in ("step", "time") and not k.startswith("time/")]
+    assert sorted(keys) == sorted(k for k in got[step] if k not in ("step", "time") and not k.startswith("time/"))
+    for key in keys:
+      assert abs(got[step][key] - want[step][key]) <= 1e-5 * max(1.0, abs(want[step][key])), \
+          (step, key, got[step][key], want[step][key])
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +86,11 @@ def one_host(tmp_path_factory):
   shared = tmp_path_factory.mktemp("one_host")
   cache = {}
 
-  def get(job, *overrides):
-    key = (job, *overrides)
+  def get(job, *overrides, mesh=MESH):
+    key = (job, *overrides, *mesh)
     if key not in cache:
       workdir = shared / f"run{len(cache)}"
-      _finish(_start(job, workdir, shared, 1, *overrides))
+      _finish(_start(job, workdir, shared, 1, *overrides, mesh=mesh))
       cache[key] = _records(workdir)
     return cache[key]
   get.shared = shared
@@ -93,17 +100,18 @@ def one_host(tmp_path_factory):
 @pytest.mark.multihost
 @pytest.mark.slow
 @pytest.mark.parametrize("job", sorted(JOBS))
-def test_two_hosts_give_the_losses_of_one_host_on_another_mesh(tmp_path, one_host, job):
+def test_two_hosts_give_the_numbers_of_one_host(tmp_path, one_host, job):
   workdir = tmp_path / "run"
   _finish(_start(job, workdir, one_host.shared, 2, f"--config.train.steps={STEPS}"))
   got, want = _records(workdir), one_host(job, f"--config.train.steps={STEPS}")
   assert sorted(os.listdir(workdir / "checkpoints")) == [str(STEPS)]
   assert any(k.startswith("eval/") for k in want[STEPS])  # the eval passes are compared too
   _assert_same_run(got, want)
+  assert max(abs(got[s]["loss"] - want[s]["loss"]) for s in want if "loss" in want[s]) <= 1e-5
   if job == "dpo_cached":  # every host computed the whole reference table, the same one process computes
     files = {n: sorted(os.listdir(one_host.shared / f"ref_cache_{n}")) for n in (1, 2)}
     assert files[1] == files[2] and len(files[1]) == 2
-    for name in files[1]:  # sums of ~100 float32 log-probs each, reduced in another order on another mesh
+    for name in files[1]:  # sums of ~100 float32 log-probs each, the collectives summing in another order
       np.testing.assert_allclose(np.load(one_host.shared / "ref_cache_2" / name),
                                  np.load(one_host.shared / "ref_cache_1" / name),
                                  rtol=16 * np.finfo(np.float32).eps, atol=0)
@@ -123,10 +131,11 @@ def _stop_after(procs, workdir, step, target=0):
 @pytest.mark.multihost
 @pytest.mark.slow
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
-def test_a_stopped_job_resumes_on_another_number_of_hosts(tmp_path, one_host, first, then):
+def test_a_stopped_job_resumes_on_another_number_of_hosts_and_mesh(tmp_path, one_host, first, then):
   run_args = ("--config.train.steps=40", "--config.train.eval_every=0")  # room to stop the run midway
+  meshes = {2: MESH, 1: OTHER_MESH}
   workdir = tmp_path / "run"
-  procs = _start("dpo_live", workdir, one_host.shared, first, *run_args)
+  procs = _start("dpo_live", workdir, one_host.shared, first, *run_args, mesh=meshes[first])
   _stop_after(procs, workdir, 3, target=first - 1)  # with two hosts, the one that does not write the metrics
   outputs = _finish(procs, codes=(143,))
   logged = _records(workdir)
@@ -135,5 +144,5 @@ def test_a_stopped_job_resumes_on_another_number_of_hosts(tmp_path, one_host, fi
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [stopped]  # every host saved that step
   assert all(f"saved a checkpoint at step {stopped}" in err for _, err in outputs)
 
-  _finish(_start("dpo_live", workdir, one_host.shared, then, *run_args))
-  _assert_same_run(_records(workdir), one_host("dpo_live", *run_args))
+  _finish(_start("dpo_live", workdir, one_host.shared, then, *run_args, mesh=meshes[then]))
+  _assert_same_run(_records(workdir), one_host("dpo_live", *run_args, mesh=OTHER_MESH))
