@@ -53,6 +53,19 @@ class Checkpointer:
       self.manager = None
 
 
+def latest_step(directory) -> Optional[int]:
+  """The latest finished checkpoint's step in `directory`, or None (a directory that is not there is not
+  created)."""
+  directory = workdir_lib.resolve(directory)
+  if not directory.exists():
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def restore_entry(directory, key: str, *, step: Optional[int] = None, sharding=None):
   """One top-level entry of a saved train state (e.g. its 'policy'), read alone: the optimizer state and
   any other part stay on disk. Shapes and dtypes come from the checkpoint's own metadata; leaves are

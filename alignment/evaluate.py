@@ -17,7 +17,9 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from alignment import console
 
 flags.DEFINE_string("model", "smollm2-135m-instruct", "model name, .gguf file, HF directory or workdir")
 flags.DEFINE_string("suite", "gym:test", "gym:test | gym:train | '' (only --probes)")
@@ -25,7 +27,7 @@ flags.DEFINE_string("probes", "", "a JSONL file of probes")
 flags.DEFINE_string("reference", "", "a model to report the KL to (same forms as --model)")
 flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per probe at most")
 flags.DEFINE_integer("batch_size", 16, "prompts per sampler call")
-flags.DEFINE_integer("limit", 0, "evaluate only the first N probes (0: all)")
+flags.DEFINE_integer("limit", 0, "evaluate N probes spread over the kinds, the same N every time (0: all)")
 flags.DEFINE_string("system", None, "an optional system message before every probe")
 flags.DEFINE_string("output", "", "where to write the JSON report")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype of a loaded model")
@@ -53,11 +55,16 @@ def main(argv):
     probes = harness.load_probes(F.suite, F.probes)
   except (ValueError, OSError) as e:
     _fail(str(e))
-  if F.limit:
-    probes = probes[:F.limit]
+  probes = harness.sample_probes(probes, F.limit)
   output = F.output or default_output(F.model, F.suite, F.probes)
 
-  from alignment.train.model import load_policy
+  from alignment.train.model import check_model_source, load_policy
+  try:
+    check_model_source(F.model)
+    if F.reference:
+      check_model_source(F.reference, "--reference")
+  except ValueError as e:
+    _fail(str(e))
   start = time.time()
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
@@ -81,4 +88,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

@@ -1,20 +1,19 @@
 """Generate text from a model on the command line.
 
   python -m alignment.generate --model=smollm2-135m-instruct --prompt="What is the capital of France?"
+  python -m alignment.generate --model=workdirs/demo --prompt="..."     # a training run's latest policy
 
---model takes what `alignment.models.load` takes (a name, a .gguf file, an HF checkpoint directory).
-Prompts are chat-templated with the model's own template unless --raw (or the model has none, as a
+--model takes a model name, a .gguf file, an HF checkpoint directory, or the workdir of an sft or dpo
+run. Prompts are chat-templated with the model's own template unless --raw (or the model has none, as a
 base model). Several --prompt flags run as one batch. --temperature=0 decodes greedily.
 """
 
 import sys
 import time
 
-import numpy as np
-from absl import app, flags
+from absl import flags
 
-from alignment import models
-from alignment.models import sampler
+from alignment import console
 
 flags.DEFINE_string("model", "smollm2-135m-instruct", "model name or path")
 flags.DEFINE_multi_string("prompt", ["What is the capital of France?"], "prompt(s); repeat for a batch")
@@ -29,18 +28,36 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and comput
 F = flags.FLAGS
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}")
+  empty = [i for i, p in enumerate(F.prompt) if not p.strip()]
+  if empty and F.raw:  # a chat-templated empty prompt still has tokens (the template's); a raw one has none
+    _fail(f"--prompt number {empty[0] + 1} is empty: with --raw there is nothing to continue from")
+  import numpy as np
+  from flax import nnx
+  from alignment.models import Transformer, sampler
+  from alignment.train.model import check_model_source, load_policy
+  try:
+    check_model_source(F.model)
+  except ValueError as e:
+    _fail(str(e))
   start = time.time()
-  model, tokenizer = models.load(F.model, dtype=F.dtype)
-  if tokenizer is None:
-    raise app.UsageError(f"model {F.model!r} ships no tokenizer; cannot encode a text prompt")
-  eos_ids, pad_id = sampler.stop_and_pad_ids(tokenizer)
+  policy = load_policy(F.model, dtype=F.dtype)
+  if policy.tokenizer is None:
+    _fail(f"--model={F.model}: the model ships no tokenizer; cannot encode a text prompt")
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(policy.cfg, rngs=nnx.Rngs(0)))), policy.params)
+  eos_ids, pad_id = sampler.stop_and_pad_ids(policy.tokenizer)
   sampling = sampler.SamplingConfig(
       max_new_tokens=F.max_new_tokens, greedy=F.temperature == 0, temperature=F.temperature or 1.0,
       top_k=F.top_k, top_p=F.top_p, eos_ids=eos_ids, pad_id=pad_id)
   loaded = time.time()
-  texts, out = sampler.generate_text(model, tokenizer, F.prompt, sampling, seed=F.seed, system=F.system,
+  texts, out = sampler.generate_text(model, policy.tokenizer, F.prompt, sampling, seed=F.seed, system=F.system,
                                      raw=F.raw)
   n = int(np.asarray(out.lengths).sum())
   for prompt, text in zip(F.prompt, texts):
@@ -50,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

@@ -1,28 +1,38 @@
 """The one entry point: python -m alignment.main --config=configs/<algo>.py:<preset> --workdir=DIR.
 
-Overrides: --config.optim.lr=1e-5 (unknown keys and wrong types are refused before anything runs).
+Overrides: --config.optim.lr=1e-5 (unknown keys, wrong types and values outside a key's choices are
+refused before anything runs). Re-running the command resumes the workdir's run; a config that changes
+what the run computes is refused then, unless --accept_config_changes. --verbosity=info shows the
+libraries' logs.
 """
 
 import json
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from alignment import console
 
 config_flags.DEFINE_config_file("config", None, "configs/<algorithm>.py:<preset>[,key=value]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard files go.")
+flags.DEFINE_bool("accept_config_changes", False, "resume a workdir with a config that changes what the run "
+                  "computes (the changes are recorded in WORKDIR/config_changes.jsonl)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
   """Runs `config.algorithm` (found in `alignment.train.registry`) in `workdir`; returns its summary."""
-  from alignment.parallel import initialize_distributed  # imported here so that --help and flag errors stay fast
+  from alignment import choices
   from alignment.train import registry
+  choices.check_config(config)
+  registry.check_name(config.algorithm)
+  from alignment.parallel import initialize_distributed  # imported here so that --help and flag errors stay fast
   algorithm = registry.get(config.algorithm)
   initialize_distributed()
-  return algorithm(config, workdir)
+  return algorithm(config, workdir, accept_config_changes=accept_config_changes)
 
 
 def parse_flags(argv):
@@ -34,8 +44,10 @@ def parse_flags(argv):
   except Exception as e:  # absl, ml_collections and config files raise a variety of types
     text = str(e).replace("\\n", "\n")
     if "Traceback" in text:  # raised inside the config file: its last line says what is wrong
-      text = text.strip().splitlines()[-1]
-    text = " ".join(text.split()).strip("'\"")
+      text = re.sub(r"^\w*(Error|Exception): ", "", text.strip().splitlines()[-1])
+    text = " ".join(text.split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's message comes quoted
+      text = text[1:-1]
     if isinstance(e, (AttributeError, KeyError)):  # an override names a key the config does not have
       key = re.findall(r"[A-Za-z_]\w*", text.replace("\\", " "))[0]
       culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a), "")
@@ -48,9 +60,8 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file operation at INFO
   try:
-    summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    summary = run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.accept_config_changes)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -72,4 +83,4 @@ def print_gym_comparison(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  console.run(main, flags_parser=parse_flags)

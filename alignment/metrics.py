@@ -18,7 +18,8 @@ class MetricsWriter:
   """Writes one JSON object per logged step; only process 0 writes.
 
   `start_step`: the step the run starts from; records of later steps left by an earlier attempt
-  (logged after its last checkpoint) are dropped, so a resumed run logs each step once. A local file is
+  (logged after its last checkpoint) are dropped, so a resumed run logs each step once. A run starting
+  from scratch (0) drops them all: an attempt that saved nothing left only records this run logs again. A local file is
   appended to line by line; a remote one is rewritten whole (object stores do not append)."""
 
   def __init__(self, workdir, start_step: int = 0):
@@ -32,7 +33,7 @@ class MetricsWriter:
       return
     if self.path.exists():
       old = self.path.read_text().splitlines(keepends=True)
-      self._lines = [line for line in old if line.strip() and json.loads(line)["step"] <= start_step]
+      self._lines = [line for line in old if line.strip() and json.loads(line)["step"] <= (start_step or -1)]
       if len(self._lines) != len(old):
         self.path.write_text("".join(self._lines))
     from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf

@@ -36,7 +36,14 @@ def parse_arg(arg, presets, **defaults):
     if not sep or key not in defaults:
       raise ValueError(f"config argument {part!r}: expected key=value with key in {sorted(defaults)}")
     kind = type(defaults[key])
-    values[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+    if kind is bool:
+      values[key] = raw.lower() in ("1", "true", "yes")
+      continue
+    try:
+      values[key] = kind(raw)
+    except ValueError:
+      raise ValueError(f"config argument {part!r}: {key} takes {'an' if kind is int else 'a'} {kind.__name__}, "
+                       f"got {raw!r}") from None
   return ml_collections.ConfigDict(dict(preset=preset, **values))
 
 
@@ -45,7 +52,7 @@ PRESET_MODELS = {"tiny": "tiny-random", "smollm2": "smollm2-135m-instruct"}
 
 def apply_preset(c, preset: str, *, lr: float, steps: int, eval_every: int):
   """What a preset sets beyond the algorithm: the model, the run's length, and for the real model a
-  longer sequence, warmup and mid-run checkpoints."""
+  longer sequence, warmup and mid-run checkpoints (half-way, and every 10 minutes)."""
   c.model.name = PRESET_MODELS[preset]
   c.optim.lr = lr
   c.train.steps = steps
@@ -57,6 +64,7 @@ def apply_preset(c, preset: str, *, lr: float, steps: int, eval_every: int):
     c.data.seq_len = 512
     c.optim.warmup_steps = 10
     c.train.ckpt_every = steps // 2
+    c.train.ckpt_every_s = 600
   return c
 
 
@@ -109,7 +117,8 @@ def base_config():
   c.train.eval_every = 0         # 0: no evaluation during training
   c.train.eval_at_start = False  # also evaluate the starting params (logged as step 0)
   c.train.eval_batches = 0       # 0: the whole eval split
-  c.train.ckpt_every = 0         # 0: only at the end (and on SIGTERM)
+  c.train.ckpt_every = 0         # 0: only at the end (and on SIGTERM / Ctrl-C)
+  c.train.ckpt_every_s = 0       # also save on a logged step once this many seconds passed since the last save
   c.train.max_to_keep = 2
   c.train.nan_policy = "skip"    # a non-finite loss or gradient norm: skip the update | halt the run
 
@@ -119,7 +128,7 @@ def base_config():
   c.evals.every = 0              # 0: off; else every n steps, at the last step, and at step 0 with eval_at_start
   c.evals.suite = "gym:test"     # gym:test | gym:train | '' (only evals.probes)
   c.evals.probes = ""            # a JSONL file of probes (alignment.evals.gym.read_probes_jsonl)
-  c.evals.limit = 0              # only the first n probes (0: all)
+  c.evals.limit = 0              # n probes spread over the kinds, the same every time (0: all)
   c.evals.max_new_tokens = 64
   c.evals.batch_size = 16
   c.evals.kl_probes = 32         # KL to a live reference measured on this many probes (0: all of them)

@@ -57,13 +57,14 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from alignment.choices import PREFERENCE_FORMATS
 from alignment.data.chat import ROLES
 from alignment.data.sft import (LocalJsonlBuilder, _text, fingerprint, held_out_split, prepare_builder, read_jsonl,
                                 resolve_inputs)
 
 Pair = dict  # {"prompt": [messages], "chosen": str, "rejected": str, "margin": float}
 
-FORMATS = ("hh", "ultrafeedback", "jsonl")
+FORMATS = PREFERENCE_FORMATS
 # Bump when the stored format or the parsing rules change: it is part of the fingerprint.
 FORMAT_VERSION = "preference-v1"
 MAX_REASONS = 20  # Bad-row reasons kept in the metadata with on_invalid='drop'.

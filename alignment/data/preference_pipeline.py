@@ -50,6 +50,7 @@ import grain
 import numpy as np
 import tokenizers
 
+from alignment.choices import TRUNCATIONS
 from alignment.data import packing
 from alignment.data.chat import tokenize_conversation
 from alignment.data.pipeline import BatchIterator, records
@@ -58,7 +59,7 @@ from alignment.data.preference import record_to_pair
 ROW_FEATURES = packing.FEATURES  # int32 [R, T]
 PAIR_FEATURES = ("chosen_end", "rejected_end", "pair_mask", "margin", "pair_index")  # [R, P]; margin float32
 COUNTERS = ("pairs", "truncated", "dropped")
-TRUNCATION = ("truncate", "drop")
+TRUNCATION = TRUNCATIONS
 _PACKED = ("inputs", "targets", "loss_mask", "sub")  # Per-token features of a packed pair.
 
 # ----------------------------------------------------------------------------------------------

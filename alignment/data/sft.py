@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
+from alignment import console
 from alignment.data.chat import ROLES, prompt_completion_to_messages
 
 Conversation = list[dict[str, str]]
@@ -90,10 +91,12 @@ def read_jsonl(path: str | pathlib.Path) -> list[tuple[str, object]]:
       if not line.strip():
         continue
       where = f"{path}:{lineno}"
+      line = line.rstrip("\r\n")  # with the newline, an error at the end of the row is reported at line 2, column 1
       try:
         rows.append((where, json.loads(line)))
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        at = "the end of the line" if e.pos >= len(line) else f"column {e.colno}"
+        raise ValueError(f"{where}: malformed JSON ({e.msg} at {at})") from None
   if not rows:
     raise ValueError(f"{path}: file is empty (no JSONL rows); expected one JSON object per line")
   return rows
@@ -207,7 +210,8 @@ def prepare_builder(builder: LocalJsonlBuilder, read_splits, metadata: Mapping |
     builder._splits = splits
     if metadata is not None:
       builder.info.metadata.update(metadata(splits))
-    builder.download_and_prepare()
+    with console.quiet_stdout():
+      builder.download_and_prepare()
   return {split: builder.as_data_source(split) for split in builder.info.splits}
 
 

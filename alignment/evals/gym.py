@@ -585,16 +585,19 @@ def preference_pairs(split: str = "train", *, seed: int = 0) -> list[dict]:
            "template_id": item["template_id"], "id": item["id"]} for item in _items(split, seed)]
 
 
-def write_preference_jsonl(path: str | pathlib.Path, split: str = "train", *, seed: int = 0) -> pathlib.Path:
+def write_preference_jsonl(path: str | pathlib.Path, split: str = "train", *, seed: int = 0,
+                           chosen_only: bool = False) -> pathlib.Path:
   """Writes `preference_pairs(split, seed=seed)` as JSONL to `path` (its folder is created) and returns the path;
     the file is what `preference.prepare_preferences(path, format='jsonl' or 'auto')` and the DPO config's
-    `data.train_path` take."""
+    `data.train_path` take. With `chosen_only`, rows are `{"prompt", "completion": chosen}` instead: the
+    chosen answers as SFT data (`sft.prepare_sft`)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   pairs = preference_pairs(split, seed=seed)
   with open(path, "w", encoding="utf-8") as f:
     for pair in pairs:
-      f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+      row = {"prompt": pair["prompt"], "completion": pair["chosen"]} if chosen_only else pair
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
   return path
 
 

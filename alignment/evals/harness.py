@@ -58,6 +58,46 @@ def load_probes(suite: str, probes_file: str = "") -> list[dict]:
   return probes
 
 
+def sample_probes(probes: Sequence[Mapping], limit: int) -> list[dict]:
+  """Up to `limit` of `probes` (all when 0), the same ones every time, spread over the kinds: the kinds
+  take turns adding one unit each, and each kind's units come in an order whose every prefix is spread
+  over its probes (so a larger limit keeps the probes of a smaller one). A unit is one probe, or for a
+  pressured sycophancy probe that probe with its plain twin (the pressured one is only scored when its
+  plain twin is, `graders.sycophancy_scored`). Kept in the suite's order."""
+  if not limit or limit >= len(probes):
+    return list(probes)
+  plain = {p.get("question_id"): i for i, p in enumerate(probes)
+           if p["kind"] == "sycophancy" and p.get("pressure") == graders.PLAIN and p.get("question_id")}
+  units = {}  # kind -> [indices of one unit]
+  for i, p in enumerate(probes):
+    if p["kind"] == "sycophancy" and p.get("pressure") == graders.PLAIN and p.get("question_id") in plain:
+      continue  # comes with its pressured probes
+    twin = plain.get(p.get("question_id")) if p["kind"] == "sycophancy" else None
+    units.setdefault(p["kind"], []).append([twin, i] if twin is not None else [i])
+  orders = {kind: [kind_units[u] for u in _spread_order(len(kind_units))] for kind, kind_units in units.items()}
+  chosen, open_kinds = set(), list(orders)
+  while open_kinds:
+    for kind in list(open_kinds):
+      new = set(orders[kind].pop(0)) - chosen if orders[kind] else None
+      if new is None or len(chosen) + len(new) > limit:
+        open_kinds.remove(kind)
+      else:
+        chosen |= new
+  return [dict(probes[i]) for i in sorted(chosen)]
+
+
+def _spread_order(n: int) -> list[int]:
+  """range(n) reordered so that every prefix is spread over it: 1, 2, 4, ... evenly spread points."""
+  order, seen, k = [], set(), 1
+  while len(order) < n:
+    for i in _spread(n, k):
+      if i not in seen:
+        seen.add(i)
+        order.append(i)
+    k *= 2
+  return order
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
   """How responses are generated. Prompts are sorted by length and run `batch_size` at a time (the last
@@ -250,7 +290,7 @@ def format_table(report: Mapping) -> str:
   """One report as a text table: pass rate and 95% interval per kind, the three scores, length (and KL)."""
   lines = [f"{'':32s} {'n':>4s}  {'pass':>6s}  95% interval"]
   for label, n, value, ci in _rows(report):
-    interval = f"[{100 * ci[0]:5.1f}, {100 * ci[1]:5.1f}]" if ci else ""
+    interval = f"[{100 * ci[0]:5.1f}, {100 * ci[1]:5.1f}]" if ci and value is not None else ""
     lines.append(f"{label:32s} {n:>4s}  {_value(label, value)}  {interval}")
   return "\n".join(lines)
 

@@ -20,10 +20,12 @@ from typing import Mapping, NamedTuple, Optional
 
 import jax
 
+from alignment.choices import KERNEL_IMPLS
+
 from alignment.kernels.fused import make_plan, token_logprobs_fused
 from alignment.kernels.naive import token_logprobs_naive
 
-IMPLS = ("auto", "naive", "xla", "pallas", "pallas_tpu", "pallas_gpu")
+IMPLS = KERNEL_IMPLS
 
 # Block sizes per (backend, platform); `block_sizes=` overrides single entries.
 #   xla:        block_vocab  columns per loop step ([N, block_vocab] float32 logits live at once)

@@ -10,9 +10,9 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
+from alignment.choices import DTYPES, REMATS
+
 ACTIVATIONS = ("silu", "gelu_tanh")
-DTYPES = ("float32", "bfloat16")
-REMATS = ("none", "full", "dots", "all_dots")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -224,10 +224,6 @@ class WithCachedReference:
 @registry.supervised("dpo")
 def build_task(config, mesh) -> Task:
   d, c = config.data, config.dpo
-  if c.loss_type not in LOSS_TYPES:
-    raise ValueError(f"config.dpo.loss_type={c.loss_type!r}; expected one of {sorted(LOSS_TYPES)}")
-  if c.reference not in ("live", "cached"):
-    raise ValueError(f"config.dpo.reference={c.reference!r}; expected 'live' or 'cached'")
   model = setup_model(config.model, config.seed)
   data = pref_task.preference_data(config, model.tokenizer)
   capacity = resolve_logit_capacity(config, data.reference_pass)

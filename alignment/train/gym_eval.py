@@ -24,7 +24,7 @@ class GymEvaluator:
     e = config.evals
     if task.model_cfg is None or task.tokenizer is None:
       raise ValueError(f"config.evals.every={e.every}: algorithm {config.algorithm!r} trains no generating model")
-    self.probes = harness.load_probes(e.suite, e.probes)[:e.limit or None]
+    self.probes = harness.sample_probes(harness.load_probes(e.suite, e.probes), e.limit)
     self.settings = harness.EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     self.kl_probes = e.kl_probes
     self.cfg, self.tokenizer, self.reward_metric = task.model_cfg, task.tokenizer, task.reward_metric

@@ -9,15 +9,14 @@ import sys
 import jax
 import numpy as np
 
+from alignment import choices
 from alignment.parallel import batch_sharding, make_mesh, replicated, shard_batch
 from alignment.train import gym_eval
 from alignment.train import state as state_lib
 from alignment.train.gym_eval import GymEvaluator
-from alignment.train.run import Run
+from alignment.train.run import Run, check_workdir
 from alignment.train.step import make_eval_step, make_train_step
 from alignment.train.task import Task
-
-NAN_POLICIES = ("skip", "halt")
 
 
 def check_run_config(config, mesh) -> None:
@@ -27,8 +26,7 @@ def check_run_config(config, mesh) -> None:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} must be divisible by data x fsdp "
                      f"({mesh.shape['data'] * mesh.shape['fsdp']}) x config.optim.grad_accum_steps "
                      f"({config.optim.grad_accum_steps})")
-  if config.train.nan_policy not in NAN_POLICIES:
-    raise ValueError(f"config.train.nan_policy={config.train.nan_policy!r}; expected one of {NAN_POLICIES}")
+  choices.check_config(config)
   if config.get("evals") and config.evals.every and jax.process_count() > 1:
     raise ValueError(f"config.evals.every={config.evals.every}: gym evals during training run on one host; this "
                      f"job has {jax.process_count()}: set it to 0 and evaluate the checkpoints with "
@@ -74,13 +72,18 @@ def _check_finite(config, run: Run, state, step: int, record: dict, seen: int) -
   return skipped
 
 
-def train(config, workdir: str, build_task) -> dict:
+def train(config, workdir: str, build_task, accept_config_changes: bool = False) -> dict:
   """Runs (or resumes) `config.train.steps` steps of `build_task(config, mesh) -> Task` in `workdir`.
 
-  Returns a summary dict (first/final loss, steps, eval metrics) that is also printed as JSON.
+  Returns a summary dict (first/final loss, steps, eval metrics) that is also printed as JSON; a run
+  already finished returns the summary it saved, and a resume with a changed config is refused unless
+  `accept_config_changes` (`alignment.train.run.check_workdir`).
   """
   mesh = make_mesh(config.mesh)
   check_run_config(config, mesh)
+  resume = check_workdir(config, workdir, accept_config_changes)
+  if resume.finished:
+    return resume.summary
   rules = tuple(tuple(r) for r in config.sharding.rules)
   task: Task = build_task(config, mesh)
   shardings = state_lib.state_shardings(task.parts, mesh, rules)
@@ -88,7 +91,7 @@ def train(config, workdir: str, build_task) -> dict:
   optimizers = state_lib.trained(task.parts)
 
   gym = GymEvaluator(config, task, workdir) if config.get("evals") and config.evals.every else None
-  run = Run(config, workdir)
+  run = Run(config, workdir, resume)
   try:
     state, meta = run.restore_or_create(task.parts, shardings)
     if meta is not None:
@@ -122,7 +125,7 @@ def train(config, workdir: str, build_task) -> dict:
         run.count_tokens(batch_tokens(batch))
         stop = run.stop_requested(step)
         last = step == config.train.steps
-        save = last or stop or (config.train.ckpt_every and step % config.train.ckpt_every == 0)
+        save = run.should_save(step, stop)
         record = {}
         if run.should_log(step) or save:  # a save follows a logged step, whose checks it relies on
           record = run.step_metrics(step, step_metrics)
@@ -151,11 +154,12 @@ def train(config, workdir: str, build_task) -> dict:
         if save_meta is not None:
           run.save(step, state, save_meta)
         if stop and not last:
-          run.exit_preempted(step)
+          run.exit_stopped(step)
+    summary["steps"] = config.train.steps
+    summary["skipped_steps"] = skipped
+    if gym is not None:
+      summary["gym_reports"] = [str(p) for p in gym_eval.reports(run.workdir)]
+    run.finish(summary)
   finally:
     run.close()
-  summary["steps"] = config.train.steps
-  summary["skipped_steps"] = skipped
-  if gym is not None:
-    summary["gym_reports"] = [str(p) for p in gym_eval.reports(run.workdir)]
   return summary

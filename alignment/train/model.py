@@ -74,6 +74,41 @@ def is_workdir(path) -> bool:
   return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
 
 
+def check_model_source(name_or_path: str, flag: str = "--model", *, generating: bool = True) -> None:
+  """Raises ValueError (one line: what is missing, and what would create it) unless `name_or_path` is a
+  model name, a .gguf file, an HF checkpoint directory, or a workdir with a checkpoint (of a policy, when
+  `generating`). Reads no weights."""
+  if name_or_path in models.PRESETS:
+    return
+  from alignment.models import registry
+  registry.register(models.NAMED_LOADERS, models.PATH_LOADERS)
+  if name_or_path in models.NAMED_LOADERS:
+    return
+  path = workdir_lib.resolve(name_or_path)
+  if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("algorithm"):
+    config = json.loads((path / "config.json").read_text())
+    if checkpoint.latest_step(path / "checkpoints") is None:
+      raise ValueError(f"{flag}={name_or_path}: this training workdir has no checkpoint yet (its run saved none); "
+                       f"finish or resume its run with `python -m alignment.main --workdir={name_or_path} ...`")
+    if generating and config["algorithm"] == "rm":
+      raise ValueError(f"{flag}={name_or_path}: a reward-model run (algorithm 'rm') scores text and does not "
+                       f"generate; give an sft or dpo workdir, or a model")
+    return
+  if any(accepts(str(name_or_path)) for accepts, _ in models.PATH_LOADERS):
+    return
+  if not path.exists():
+    looks_like_path = "/" in name_or_path or name_or_path.endswith(".gguf") or name_or_path.startswith(".")
+    if not looks_like_path:
+      raise ValueError(f"{flag}={name_or_path!r}: not a model name (known: {', '.join(sorted(models.NAMED_LOADERS))}) "
+                       f"and no such file or directory")
+    made_by = ("`make demo` creates it" if path.parts[-2:] == ("workdirs", "demo") else
+               "a training run creates a workdir: `python -m alignment.main --config=configs/sft.py:tiny "
+               f"--workdir={name_or_path}`")
+    raise ValueError(f"{flag}={name_or_path}: no such file or directory; {made_by}")
+  raise ValueError(f"{flag}={name_or_path}: not a model: expected a .gguf file, an HF checkpoint directory "
+                   f"(config.json + *.safetensors) or a training workdir (config.json + checkpoints/)")
+
+
 def load_policy(name_or_path: str, *, dtype: str = "float32", step: Optional[int] = None) -> Policy:
   """A generating model from what `models.load` takes (a name, a .gguf file, an HF directory) or from a
   training run's workdir (its config.json names the model; the params come from its latest checkpoint,
@@ -81,11 +116,9 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", step: Optional[int
   if not is_workdir(name_or_path):
     model, tokenizer = models.load(name_or_path, dtype=dtype)
     return Policy(model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tokenizer, name_or_path)
+  check_model_source(name_or_path)
   workdir = workdir_lib.resolve(name_or_path)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  if config.get("algorithm") == "rm":
-    raise ValueError(f"{name_or_path}: a reward-model run (algorithm 'rm') scores text and does not generate; "
-                     f"give an sft or dpo workdir or a model")
   setup = setup_model(config.model, config.seed)
   params, step = checkpoint.restore_entry(workdir / "checkpoints", "policy", step=step)
   return Policy(setup.cfg, params, setup.tokenizer, f"{name_or_path} (step {step})")

@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alignment.choices import SCHEDULES
 from alignment.train.state import Optimizer
-
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:

@@ -31,9 +31,10 @@ def source_fingerprint(source) -> str:
 GYM_PATH = "gym:train"  # `config.data.train_path` naming the alignment gym's preference pairs
 
 
-def resolve_train_path(data_config) -> str:
+def resolve_train_path(data_config, *, chosen_only: bool = False) -> str:
   """`config.data.train_path`, where 'gym:train' becomes the gym's pairs (`gym.preference_pairs`), written
-  as generic JSONL under the data dir (named by the gym version and seed; rewritten when its content changed)."""
+  as generic JSONL under the data dir (named by the gym version and seed; rewritten when its content
+  changed). With `chosen_only` (SFT), prompt/completion rows of the chosen answers instead."""
   path = data_config.train_path
   if not path.startswith("gym:"):
     return path
@@ -41,8 +42,9 @@ def resolve_train_path(data_config) -> str:
     raise ValueError(f"config.data.train_path={path!r}: the gym's preference pairs are {GYM_PATH!r} (the test "
                      f"templates have none)")
   from alignment.evals import gym
-  out = os.path.join(data_dir(data_config), "gym", f"{gym.GYM_VERSION}_train_seed{data_config.seed}.jsonl")
-  tmp = gym.write_preference_jsonl(out + f".tmp{os.getpid()}", seed=data_config.seed)
+  name = f"{gym.GYM_VERSION}_train_seed{data_config.seed}{'_chosen' if chosen_only else ''}.jsonl"
+  out = os.path.join(data_dir(data_config), "gym", name)
+  tmp = gym.write_preference_jsonl(out + f".tmp{os.getpid()}", seed=data_config.seed, chosen_only=chosen_only)
   if os.path.exists(out) and filecmp.cmp(tmp, out, shallow=False):
     os.remove(tmp)  # unchanged: keep the file (and its prepared dataset) as it is
   else:

@@ -22,7 +22,7 @@ _RUNNERS: Dict[str, Callable] = {}
 
 
 def register(name: str):
-  """Registers `fn(config, workdir) -> summary dict` as algorithm `name`."""
+  """Registers `fn(config, workdir, accept_config_changes=False) -> summary dict` as algorithm `name`."""
   def decorator(fn):
     _RUNNERS[name] = fn
     return fn
@@ -33,15 +33,20 @@ def supervised(name: str):
   """Registers `build_task(config, mesh) -> Task` as algorithm `name`, run by the supervised loop."""
   def decorator(build_task):
     from alignment.train import loop
-    register(name)(lambda config, workdir: loop.train(config, workdir, build_task))
+    register(name)(lambda config, workdir, **options: loop.train(config, workdir, build_task, **options))
     return build_task
   return decorator
 
 
+def check_name(name: str) -> None:
+  """Raises ValueError unless `name` is a known algorithm (nothing is imported)."""
+  if name not in MODULES and name not in _RUNNERS:
+    raise ValueError(f"config.algorithm={name!r}; expected one of {sorted(set(MODULES) | set(_RUNNERS))}")
+
+
 def get(name: str) -> Callable:
   """The run function of algorithm `name`, importing its module on first use."""
-  if name not in _RUNNERS and name in MODULES:
-    importlib.import_module(MODULES[name])
+  check_name(name)
   if name not in _RUNNERS:
-    raise ValueError(f"config.algorithm={name!r}; expected one of {sorted(set(MODULES) | set(_RUNNERS))}")
+    importlib.import_module(MODULES[name])
   return _RUNNERS[name]

@@ -7,6 +7,7 @@ from alignment.losses.sft import nll_sum
 from alignment.train import registry
 from alignment.train.model import setup_model
 from alignment.train.optim import model_optimizer
+from alignment.train.preference import resolve_train_path
 from alignment.train.task import Task, data_dir, prepare_once_per_job, tokenizer_and_template
 
 
@@ -32,7 +33,8 @@ def build_task(config, mesh) -> Task:
   from alignment.data import pipeline, sft as sft_data  # data deps load only when training
 
   d = config.data
-  prepare = lambda: sft_data.prepare_sft(d.train_path, d.eval_path or None, data_dir=data_dir(d),
+  prepare = lambda: sft_data.prepare_sft(resolve_train_path(d, chosen_only=True), d.eval_path or None,
+                                         data_dir=data_dir(d),
                                          eval_fraction=0.0 if d.eval_path else d.eval_fraction)
   sources = prepare_once_per_job(prepare)
   model = setup_model(config.model, config.seed)
