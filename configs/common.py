@@ -64,7 +64,7 @@ def apply_preset(c, preset: str, *, lr: float, steps: int, eval_every: int):
     c.data.seq_len = 512
     c.optim.warmup_steps = 10
     c.train.ckpt_every = steps // 2
-    c.train.ckpt_every_s = 600
+    c.train.ckpt_every_s = 600.0
   return c
 
 
@@ -118,7 +118,7 @@ def base_config():
   c.train.eval_at_start = False  # also evaluate the starting params (logged as step 0)
   c.train.eval_batches = 0       # 0: the whole eval split
   c.train.ckpt_every = 0         # 0: only at the end (and on SIGTERM / Ctrl-C)
-  c.train.ckpt_every_s = 0       # also save on a logged step once this many seconds passed since the last save
+  c.train.ckpt_every_s = 0.0     # also save on a logged step once this many seconds passed since the last save
   c.train.max_to_keep = 2
   c.train.nan_policy = "skip"    # a non-finite loss or gradient norm: skip the update | halt the run
 

@@ -59,17 +59,19 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_reproduces_the_losses(tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_resume_after_sigterm_or_ctrl_c_reproduces_the_losses(tmp_path, uninterrupted, signum, code):
   workdir = tmp_path / "run"
   proc = _main(workdir, *RESUME, wait=False)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if os.path.exists(workdir / "metrics.jsonl") and len(_losses(workdir)) >= 3:
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(signum)
       break
     time.sleep(0.02)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 143, err[-3000:]
+  assert proc.returncode == code, err[-3000:]
+  assert "Traceback" not in err
   stopped_at = max(_losses(workdir))
   assert stopped_at < 30 and os.listdir(workdir / "checkpoints")  # it stopped early and saved
   assert str(stopped_at) in os.listdir(workdir / "checkpoints")
@@ -77,6 +79,8 @@ def test_resume_after_sigterm_reproduces_the_losses(tmp_path, uninterrupted):
   assert rc == 0, err[-3000:]
   resumed = _losses(workdir)
   assert sorted(resumed) == list(range(1, 31))
+  lines = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+  assert lines == list(range(1, 31))  # one row per step, none twice
   np.testing.assert_allclose([resumed[s] for s in range(1, 31)], [uninterrupted[s] for s in range(1, 31)],
                              rtol=0, atol=1e-6)
 
@@ -115,22 +119,41 @@ def _bad_jsonl(tmp_path):
   return path
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "bad_mesh", "malformed_jsonl", "empty_dataset"])
+CHOICE_ERRORS = {  # a value outside a key's choices: refused before anything is imported beyond the config
+    "bad_kernel_impl": (["--config.kernel.impl=fast"], "config.kernel.impl='fast'; expected one of 'auto', 'naive'"),
+    "bad_remat": (["--config.model.remat=some"], "config.model.remat='some'; expected one of 'none', 'full'"),
+    "bad_schedule": (["--config.optim.schedule=cos"], "config.optim.schedule='cos'; expected one of 'cosine'"),
+    "bad_preset_arg": ([], "config argument 'steps=abc': steps takes an int, got 'abc'"),
+}
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "bad_mesh", "malformed_jsonl", "missing_comma_jsonl",
+                                  "empty_dataset", *CHOICE_ERRORS])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, case):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
+  swapped = tmp_path / "swapped.jsonl"
+  swapped.write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + '\n{"prompt": "hi" "completion": "x"}\n')
   args, expected = {
       "unknown_key": (["--config.optim.lrr=0.1"], "--config.optim.lrr: no such config key 'lrr'"),
       "wrong_type": (["--config.train.steps=ten"], "--config.train.steps=ten"),
       "bad_mesh": (["--config.mesh.data=3"], "config.mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
-      "malformed_jsonl": ([f"--config.data.train_path={_bad_jsonl(tmp_path)}"], f"{tmp_path / 'bad.jsonl'}:3"),
+      "malformed_jsonl": ([f"--config.data.train_path={_bad_jsonl(tmp_path)}"],
+                          f"{tmp_path / 'bad.jsonl'}:3: malformed JSON (Expecting value at the end of the line)"),
+      "missing_comma_jsonl": ([f"--config.data.train_path={swapped}"],  # column 17: where "completion" starts
+                          f"{swapped}:2: malformed JSON (Expecting ',' delimiter at column 17)"),
       "empty_dataset": ([f"--config.data.train_path={empty}"], str(empty)),
+      **CHOICE_ERRORS,
   }[case]
   workdir = tmp_path / "run"
-  rc, out, err = _main(workdir, *args)
+  start = time.perf_counter()
+  rc, out, err = _main(workdir, *args, config="configs/sft.py:tiny,steps=abc" if case == "bad_preset_arg" else
+                       "configs/sft.py:tiny")
+  seconds = time.perf_counter() - start
   lines = [line for line in err.splitlines() if line.strip()]
-  assert rc != 0
-  assert lines and lines[-1].startswith("error: ") and expected in lines[-1], err[-2000:]
-  assert "Traceback" not in err
+  assert rc == 2
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err[-2000:]
+  if case in CHOICE_ERRORS:  # decided from the config alone: no JAX, no data (0.2 s on a 2-core machine)
+    assert seconds < 1.0, seconds
   assert not workdir.exists()
   assert not list((tmp_path / "tfds").rglob("dataset_info.json"))  # no prepared dataset either

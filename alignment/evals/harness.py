@@ -61,7 +61,7 @@ def load_probes(suite: str, probes_file: str = "") -> list[dict]:
 def sample_probes(probes: Sequence[Mapping], limit: int) -> list[dict]:
   """Up to `limit` of `probes` (all when 0), the same ones every time, spread over the kinds: the kinds
   take turns adding one unit each, and each kind's units come in an order whose every prefix is spread
-  over its probes (so a larger limit keeps the probes of a smaller one). A unit is one probe, or for a
+  over its probes. A unit is one probe, or for a
   pressured sycophancy probe that probe with its plain twin (the pressured one is only scored when its
   plain twin is, `graders.sycophancy_scored`). Kept in the suite's order."""
   if not limit or limit >= len(probes):
