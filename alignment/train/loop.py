@@ -14,6 +14,7 @@ from alignment.parallel import batch_sharding, make_mesh, replicated, shard_batc
 from alignment.train import gym_eval
 from alignment.train import state as state_lib
 from alignment.train.gym_eval import GymEvaluator
+from alignment.train.model import check_model_source
 from alignment.train.run import Run, check_workdir
 from alignment.train.step import make_eval_step, make_train_step
 from alignment.train.task import Task
@@ -27,6 +28,7 @@ def check_run_config(config, mesh) -> None:
                      f"({mesh.shape['data'] * mesh.shape['fsdp']}) x config.optim.grad_accum_steps "
                      f"({config.optim.grad_accum_steps})")
   choices.check_config(config)
+  check_model_source(config.model.name, "config.model.name", generating=False)
   if config.get("evals") and config.evals.every and jax.process_count() > 1:
     raise ValueError(f"config.evals.every={config.evals.every}: gym evals during training run on one host; this "
                      f"job has {jax.process_count()}: set it to 0 and evaluate the checkpoints with "

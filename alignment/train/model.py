@@ -101,6 +101,8 @@ def check_model_source(name_or_path: str, flag: str = "--model", *, generating: 
     if not looks_like_path:
       raise ValueError(f"{flag}={name_or_path!r}: not a model name (known: {', '.join(sorted(models.NAMED_LOADERS))}) "
                        f"and no such file or directory")
+    if name_or_path.endswith(".gguf") or not generating:
+      raise ValueError(f"{flag}={name_or_path}: no such file or directory")
     made_by = ("`make demo` creates it" if path.parts[-2:] == ("workdirs", "demo") else
                "a training run creates a workdir: `python -m alignment.main --config=configs/sft.py:tiny "
                f"--workdir={name_or_path}`")
