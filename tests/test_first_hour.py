@@ -214,7 +214,7 @@ def test_the_readmes_sharded_sft_run_prints_only_its_own_lines(tmp_path):
 @pytest.mark.slow
 def test_evaluate_with_limit_12_scores_four_kinds_and_prints_only_its_table(tmp_path):
   output = tmp_path / "report.json"
-  rc, out, err = _cli("alignment.evaluate", "--limit=12", "--max_new_tokens=24", f"--output={output}")
+  rc, out, err = _cli("alignment.evaluate", "--limit=12", "--max_new_tokens=8", "--batch_size=12", f"--output={output}")
   assert rc == 0, err[-3000:]
   _assert_ours(err, most=0)
   report = harness.read_report(output)

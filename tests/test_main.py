@@ -59,18 +59,17 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_resume_after_sigterm_or_ctrl_c_reproduces_the_losses(tmp_path, uninterrupted, signum, code):
+def test_resume_after_sigterm_reproduces_the_losses(tmp_path, uninterrupted):
   workdir = tmp_path / "run"
   proc = _main(workdir, *RESUME, wait=False)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if os.path.exists(workdir / "metrics.jsonl") and len(_losses(workdir)) >= 3:
-      proc.send_signal(signum)
+      proc.send_signal(signal.SIGTERM)
       break
     time.sleep(0.02)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == code, err[-3000:]
+  assert proc.returncode == 143, err[-3000:]
   assert "Traceback" not in err
   stopped_at = max(_losses(workdir))
   assert stopped_at < 30 and os.listdir(workdir / "checkpoints")  # it stopped early and saved

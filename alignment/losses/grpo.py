@@ -63,3 +63,19 @@ def group_advantages(rewards, group_size, *, kind):
                      f"got {group_size}")
   groups = jax.lax.stop_gradient(rewards).reshape(-1, group_size)
   return ESTIMATORS[kind](groups).reshape(-1)
+
+
+def informative_groups(rewards, group_size):
+  """bool [prompts]: the groups whose rewards are not all equal. DAPO's dynamic sampling (Yu et al. 2025)
+  keeps only these (a group of equal rewards has zero advantage and no gradient) and draws more prompts
+  until the batch is full."""
+  groups = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+  return jnp.max(groups, axis=1) > jnp.min(groups, axis=1)
+
+
+def overlong_penalty(lengths, *, max_len, cache_len):
+  """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), float32 like `lengths` [N]: 0 up to
+  max_len - cache_len tokens, then a linear ramp to -1 at max_len, and -1 beyond; added to the reward."""
+  lengths = jnp.asarray(lengths, jnp.float32)
+  ramp = (max_len - cache_len - lengths) / cache_len
+  return jnp.where(lengths <= max_len - cache_len, 0.0, jnp.where(lengths <= max_len, ramp, -1.0))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alignment.losses import grpo
-from alignment.losses.grpo import group_advantages
+from alignment.losses.grpo import group_advantages, informative_groups, overlong_penalty
 
 G = 4
 EPS = 1e-4
@@ -73,3 +73,18 @@ def test_errors():
     group_advantages(jnp.zeros(8), 3, kind="grpo")
   with pytest.raises(ValueError, match="group_size"):
     group_advantages(jnp.zeros(8), 1, kind="rloo")
+
+
+def test_informative_groups_are_those_with_unequal_rewards():
+  r = rewards()
+  want = [len(set(float(v) for v in r[i:i + G])) > 1 for i in range(0, len(r), G)]
+  assert want[1] is False and any(want)
+  np.testing.assert_array_equal(informative_groups(r, G), want)
+
+
+def test_overlong_penalty_is_dapos_piecewise_ramp():
+  max_len, cache = 20, 4
+  lengths = np.arange(0, 26)
+  want = [0.0 if n <= max_len - cache else (max_len - cache - n) / cache if n <= max_len else -1.0 for n in lengths]
+  np.testing.assert_allclose(overlong_penalty(lengths, max_len=max_len, cache_len=cache), want, rtol=1e-6)
+  assert want[16] == 0.0 and want[18] == -0.5 and want[20] == -1.0 and want[25] == -1.0
