@@ -275,7 +275,7 @@ class Run:
     show = self.is_main
     self.bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not (show and sys.stderr.isatty()),
                     dynamic_ncols=True, mininterval=1.0, desc="train")
-    self._window = (time.perf_counter(), self.start_step, 0)
+    self._window, self._excluded = (time.perf_counter(), self.start_step, 0), 0.0  # evals before: not in a step
     for step in range(self.start_step + 1, self.total_steps + 1):
       yield step
       self.bar.update(1)
@@ -325,15 +325,14 @@ class Run:
   def log(self, step: int, record: dict) -> None:
     """Writes a logged step's record and shows it: the loss on the progress bar (a terminal), or a plain
     line on the first, every tenth and the last step and at least every CONSOLE_EVERY_S seconds; eval
-    results always."""
+    losses always (gym evals print their own line)."""
     if not record:
       return
     if self.writer is not None:
       self.writer.write(step, record)
     if not self.is_main:
       return
-    evals = {k: v for k, v in record.items() if k.startswith("eval/") or k in ("gym/helpful", "gym/honest",
-                                                                             "gym/harmless")}
+    evals = {k: v for k, v in record.items() if k.startswith("eval/")}  # gym evals print their own line
     if self.bar is not None and not self.bar.disable:
       if "loss" in record:
         self.bar.set_postfix(loss=f"{record['loss']:.4f}")

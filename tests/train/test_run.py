@@ -4,6 +4,7 @@ written, and algorithms come from the registry."""
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from alignment import metrics
 from alignment.data import chat, pipeline, sft as sft_data
 from alignment.main import run
-from alignment.train import registry
+from alignment.train import loop, registry
 from configs import dpo as dpo_config, sft as sft_config
 
 
@@ -49,11 +50,17 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_timing_metrics_count_the_real_tokens_of_each_step(tmp_path):
-  config, workdir = _config(tmp_path, steps=4), str(tmp_path / "run")
+def test_timing_metrics_count_the_real_tokens_of_each_step(tmp_path, monkeypatch):
+  config, workdir = _config(tmp_path, steps=4, eval_at_start=True), str(tmp_path / "run")
+  evaluate = loop.evaluate
+  monkeypatch.setattr(loop, "evaluate", lambda *a, **k: (time.sleep(2.0), evaluate(*a, **k))[1])  # a long eval
   run(config, workdir)
   records = {r["step"]: r for r in _lines(workdir)}
   assert "time/first_step_s" in records[1] and "time/step_s" not in records[1]
+  # The eval before the first step is timed apart, and not taken out of the first step's time again:
+  # the first step's time is what passed between the two metrics lines.
+  assert records[0]["time/eval_s"] >= 2.0
+  assert abs(records[1]["time/first_step_s"] - (records[1]["time"] - records[0]["time"])) < 1.0
   d = config.data
   sources = sft_data.prepare_sft(d.train_path, data_dir=d.data_dir, eval_fraction=d.eval_fraction)
   batches = pipeline.make_sft_iterator(sources["train"], tokenizer=chat.load_tokenizer(), template=chat.load_template(),
