@@ -76,9 +76,7 @@ def restore_entry(directory, key: str, *, step: Optional[int] = None, sharding=N
   when the state has no `key`.
   """
   directory = workdir_lib.resolve(directory)
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step() if step is None else step
-  manager.close()
+  step = latest_step(directory) if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")
   path = directory / str(step) / "state"

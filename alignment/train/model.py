@@ -85,8 +85,8 @@ def check_model_source(name_or_path: str, flag: str = "--model", *, generating: 
   if name_or_path in models.NAMED_LOADERS:
     return
   path = workdir_lib.resolve(name_or_path)
-  if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("algorithm"):
-    config = json.loads((path / "config.json").read_text())
+  config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+  if config.get("algorithm"):  # a training run's workdir (an HF directory's config.json has no algorithm)
     if checkpoint.latest_step(path / "checkpoints") is None:
       raise ValueError(f"{flag}={name_or_path}: this training workdir has no checkpoint yet (its run saved none); "
                        f"finish or resume its run with `python -m alignment.main --workdir={name_or_path} ...`")

@@ -52,9 +52,8 @@ NEUTRAL_KEYS = ("mesh.", "sharding.", "kernel.", "model.remat", "model.scan_laye
 
 @dataclasses.dataclass
 class Resume:
-  """What `check_workdir` found: the latest checkpoint's step (None: a new run), the config changes since
-  the run started ({key: [before, now]}), and for a finished run its saved summary."""
-  latest_step: Optional[int] = None
+  """What `check_workdir` found: the config changes since the run started ({key: [before, now]}; none for
+  a new run), and for a finished run its saved summary."""
   changes: dict = dataclasses.field(default_factory=dict)
   finished: bool = False
   summary: Optional[dict] = None
@@ -123,7 +122,7 @@ def check_workdir(config, workdir, accept_changes: bool = False) -> Resume:
   if trajectory:
     _say(f"continuing from step {latest} with changed "
          f"{', '.join(f'{k} ({json.dumps(a)} -> {json.dumps(b)})' for k, (a, b) in trajectory.items())}")
-  resume = Resume(latest_step=latest, changes=changes)
+  resume = Resume(changes=changes)
   if latest >= int(config.train.steps):
     resume.finished = True
     summary_file = root / "summary.json"
@@ -200,7 +199,7 @@ class Run:
   def __init__(self, config, workdir, resume: Optional[Resume] = None):
     self.config = config
     self.workdir = workdir_lib.resolve(workdir)
-    self.resume = resume if resume is not None else Resume(latest_step=checkpoint.latest_step(self.workdir / "checkpoints"))
+    self.resume = resume if resume is not None else Resume()
     self.is_main = jax.process_index() == 0
     self.total_steps = int(config.train.steps)
     self.ckpt = checkpoint.Checkpointer(self.workdir / "checkpoints", config.train.max_to_keep)
