@@ -15,6 +15,14 @@ TRUNCATIONS = ("truncate", "drop")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo")
 DPO_REFERENCES = ("live", "cached")
 EVAL_SUITES = ("gym:test", "gym:train", "")
+RL_LOSSES = ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")
+ADVANTAGES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+KL_PLACES = ("loss", "reward")
+RATIO_LEVELS = ("token", "sequence")
+LONG_PROMPTS = ("truncate", "drop")
+VALUE_INITS = ("policy", "reward_model")
 
 # dotted config key -> the values it may take (a key the config does not have is not checked)
 CONFIG_CHOICES = {
@@ -29,6 +37,15 @@ CONFIG_CHOICES = {
     "dpo.loss_type": DPO_LOSS_TYPES,
     "dpo.reference": DPO_REFERENCES,
     "evals.suite": EVAL_SUITES,
+    "rl.loss": RL_LOSSES,
+    # "" in these: the loss preset's value (alignment.rl.presets)
+    "rl.advantage": ("",) + ADVANTAGES,
+    "rl.aggregation": ("",) + AGGREGATIONS,
+    "rl.kl_estimator": KL_ESTIMATORS,
+    "rl.kl_in": ("",) + KL_PLACES,
+    "rl.ratio_level": ("",) + RATIO_LEVELS,
+    "rl.long_prompts": LONG_PROMPTS,
+    "rl.value_init": VALUE_INITS,
 }
 
 

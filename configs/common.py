@@ -152,3 +152,57 @@ def preference_data(train_file: str):
       truncation="truncate",  # a completion too long for max_length: truncate (prompt kept) | drop
       seed=0,
   ))
+
+
+def rl_config(algorithm: str, loss: str):
+  """The online-RL block (`alignment.rl`). Keys left "" or -1 take the loss preset's value
+  (`alignment.rl.presets`); set them to override it."""
+  c = base_config()
+  c.algorithm = algorithm
+  c.data = ml_collections.ConfigDict(dict(
+      tokenizer="",        # tokenizer.json; empty: the model's own
+      chat_template="",    # a .jinja file; empty: the model's own (ChatML for a tokenizer without one)
+  ))
+  c.rl = ml_collections.ConfigDict(dict(
+      loss=loss,                 # ppo | grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp
+      prompts="gym:train",       # gym:train | gym:test | a .jsonl file of {"prompt": ..., ...}
+      prompts_per_step=8,
+      group_size=4,              # completions per prompt (G)
+      max_prompt_tokens=256,
+      long_prompts="truncate",   # a longer prompt: truncate (keep its end) | drop
+      max_new_tokens=64,
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+      rewards="gym",             # name[:weight],... (alignment.rl.rewards) or package.module:function[:weight]
+      reward_model="",           # the workdir of a reward model (reward 'reward_model', value_init 'reward_model')
+      kl_coef=0.04,              # 0: no reference model
+      kl_estimator="k3",         # k1 | k2 | k3 | abs
+      kl_in="",                  # loss | reward
+      kl_target=0.0,             # > 0: Ziegler et al.'s adaptive coefficient, aiming at this KL per sequence
+      kl_horizon=10000,
+      advantage="",              # gae | grpo | dr_grpo | rloo | reinforce_pp
+      aggregation="",            # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+      clip_eps=-1.0,
+      clip_eps_high=-1.0,        # 0: = clip_eps
+      ratio_level="",            # token | sequence (GSPO)
+      entropy_coef=0.0,
+      epochs=1,                  # passes over each rollout batch
+      minibatches=1,             # optimizer steps per pass
+      tis_cap=0.0,               # > 0: truncated importance sampling of the sampler / trainer mismatch
+      dynamic_sampling=-1,       # 1: keep only groups whose rewards differ, drawing more prompts (DAPO)
+      max_draws=4,
+      overlong_cache=-1,         # > 0: DAPO's soft overlong penalty over the last this-many tokens
+      whiten_advantages=True,    # PPO: advantages whitened over the valid tokens
+      missing_eos_penalty=0.0,   # subtracted from the score of a completion cut at max_new_tokens
+      reward_clip=0.0,           # > 0: scores clipped to [-reward_clip, reward_clip]
+      gamma=1.0,
+      lam=0.95,
+      vf_coef=0.1,
+      vf_clip=0.2,
+      value_init="policy",       # policy | reward_model
+      value_lr=0.0,              # 0: optim.lr
+  ))
+  c.optim.clip_norm = 1.0
+  c.optim.schedule = "constant"
+  return c

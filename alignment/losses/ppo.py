@@ -11,6 +11,8 @@ sequence mean, a constant) and returns a (sum, count) pair the trainer normalise
 import jax
 import jax.numpy as jnp
 
+from alignment.choices import AGGREGATIONS, RATIO_LEVELS
+
 
 def gae(rewards, values, mask, *, gamma, lam, segment_ids=None):
   """Generalised advantage estimation (Schulman et al. 2016, Eq. 16) -> (advantages, returns).
@@ -67,9 +69,6 @@ def kl_penalty(logprobs, ref_logprobs, kind):
     raise ValueError(f"unknown KL estimator {kind!r}; valid: {', '.join(KL_ESTIMATORS)}")
   d = jnp.asarray(logprobs, jnp.float32) - jnp.asarray(ref_logprobs, jnp.float32)
   return KL_ESTIMATORS[kind](d)
-
-
-RATIO_LEVELS = ("token", "sequence")
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps, clip_eps_high=None,
@@ -146,9 +145,6 @@ def tis_weights(old_logprobs, sampler_logprobs, mask, *, cap):
   m = jnp.asarray(mask, bool)
   d = jnp.where(m, jnp.asarray(old_logprobs, jnp.float32) - jnp.asarray(sampler_logprobs, jnp.float32), 0.0)
   return jax.lax.stop_gradient(jnp.where(m, jnp.minimum(jnp.exp(d), cap), 0.0))
-
-
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def aggregate(per_token, mask, mode, *, max_len=None):

@@ -144,7 +144,7 @@ def _cache_sharding(mesh, batch: int, kv_heads: int):
   return NamedSharding(mesh, P(None, batch_axes, head_axis, None, None))
 
 
-def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths, rng) -> Samples:
+def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tokens, lengths, rng) -> Samples:
   B, Pw = tokens.shape
   N = s.max_new_tokens
   S = Pw + N
@@ -165,6 +165,13 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths
 
   h, cache = forward_cached(cfg, params, params["layers"], tokens, jnp.maximum(positions, 0), 0, key_valid,
                             cache)
+  if group_size > 1:  # each prompt was prefilled once; its G samples continue from copies of its cache
+    B = B * group_size
+    h, key_valid, lengths = (jnp.repeat(a, group_size, axis=0) for a in (h, key_valid, lengths))
+    cache = jax.tree.map(lambda c: jnp.repeat(c, group_size, axis=1), cache)
+    cache_sharding = _cache_sharding(mesh, B, cfg.n_kv_heads)
+    if cache_sharding is not None:
+      cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
   rng, step_rng = jax.random.split(rng)
   token, logprob = pick(h, step_rng)
   eos = jnp.asarray(s.eos_ids or (-1,), jnp.int32)
@@ -203,14 +210,17 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, params, tokens, lengths
 
 
 @functools.lru_cache(maxsize=32)
-def make_sampler(cfg: ModelConfig, sampling: SamplingConfig, mesh=None):
-  """-> jitted fn(params, tokens [B, P] left-padded, lengths [B], rng) -> Samples.
+def make_sampler(cfg: ModelConfig, sampling: SamplingConfig, mesh=None, group_size: int = 1, out_sharding=None):
+  """-> jitted fn(params, tokens [B, P] left-padded, lengths [B], rng) -> Samples of B * group_size rows.
 
-  With a mesh, the KV cache's batch axis shards over ('data', 'fsdp') and its KV heads over 'tensor'
-  (where they divide); params and inputs keep whatever sharding they carry, and GSPMD propagates.
+  With `group_size` G > 1 each prompt is prefilled once and its cache copied to its G samples, rows
+  b * G .. b * G + G - 1 (the layout `alignment.losses.grpo.group_advantages` reads). With a mesh, the
+  KV cache's batch axis shards over ('data', 'fsdp') and its KV heads over 'tensor' (where they
+  divide); params and inputs keep whatever sharding they carry, and GSPMD propagates; `out_sharding`
+  lays out the Samples (e.g. replicated, for the host to read them on every process).
   """
-  fn = functools.partial(_generate, cfg, sampling, mesh)
-  return jax.jit(fn)
+  fn = functools.partial(_generate, cfg, sampling, mesh, group_size)
+  return jax.jit(fn, out_shardings=out_sharding)
 
 
 def sample(model, tokens, lengths, sampling: SamplingConfig, rng=None, *, mesh=None) -> Samples:

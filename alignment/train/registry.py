@@ -16,6 +16,8 @@ MODULES = {
     "sft": "alignment.train.sft",
     "rm": "alignment.train.rm",
     "dpo": "alignment.train.dpo",
+    "ppo": "alignment.rl.loop",
+    "grpo": "alignment.rl.loop",
 }
 
 _RUNNERS: Dict[str, Callable] = {}

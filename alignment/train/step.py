@@ -22,7 +22,7 @@ from alignment.parallel import BATCH_AXES
 from alignment.train.state import Optimizer, parts_of
 
 
-def _split_micro_batches(batch, num_micro: int):
+def split_micro_batches(batch, num_micro: int):
   """[B, ...] -> [k, B/k, ...], micro-batch i holding rows i, i+k, ... so each stays spread over devices."""
   def split(x):
     if x.shape[0] % num_micro:
@@ -45,7 +45,7 @@ def accumulate_gradients(loss_fn: Callable, trained: dict, fixed: dict, batch, r
     (loss_sum, (num_tokens, aux)), grads = grad_fn(trained, batch, rng)
     return grads, loss_sum, num_tokens, aux
 
-  micro = _split_micro_batches(batch, num_micro)
+  micro = split_micro_batches(batch, num_micro)
   rngs = jax.random.split(rng, num_micro)
   (_, (_, aux_shape)), grads_shape = jax.eval_shape(
       grad_fn, trained, jax.tree.map(lambda x: x[0], micro), rngs[0])

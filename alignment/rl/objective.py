@@ -1,0 +1,113 @@
+"""What an online-RL update computes from a batch of scored rollouts: the policy's (and the value
+model's) loss, and the no-gradient pass that scores the rollouts before it.
+
+A batch holds N rows, row i = its prompt (left-padded to width P) followed by its completion (L tokens,
+right-padded), in the layout the sampler produced:
+
+  inputs, positions, segment_ids  [N, P + L - 1]  the model's input (the last completion token is never one)
+  completion, mask                [N, L]          the sampled tokens and 1 on those that carry loss
+  old_logprobs                    [N, L]          the trainer's log-probs before the update (the ratio's base)
+  advantages                      [N, L]          (a sequence advantage repeated over the row's tokens)
+  ref_logprobs                    [N, L]          when the KL to the reference is a loss term
+  tis                             [N, L]          truncated importance weights, when `config.rl.tis_cap`
+  old_values, returns             [N, L]          PPO: the value model's estimates before the update, and targets
+
+Per-token quantities are read at the completion's positions only: column P - 1 + t of the input
+predicts completion token t, so the unembedding runs over N x L cells, never the prompt's.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignment.kernels import token_logprobs
+from alignment.losses import ppo
+
+
+def _completion_slice(x, batch):
+  """x [N, P + L - 1, ...] -> the L columns whose outputs predict the completion tokens."""
+  length = batch["completion"].shape[1]
+  return x[:, x.shape[1] - length:]
+
+
+def completion_stats(graphdef, params, batch, *, impl: str, ref_params=None):
+  """LogprobStats of the completion tokens, each field [N, L] (with the reference's when given)."""
+  model = nnx.merge(graphdef, params)
+  inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  hidden = _completion_slice(model(*inputs), batch)
+  n, length, d = hidden.shape
+  ref = {}
+  if ref_params is not None:
+    ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+    ref = dict(ref_hidden=_completion_slice(ref_model(*inputs), batch).reshape(n * length, d),
+               ref_unembed=ref_model.unembed_matrix())
+  stats = token_logprobs(hidden.reshape(n * length, d), model.unembed_matrix(), batch["completion"].reshape(-1),
+                         impl=impl, **ref)
+  return jax.tree.map(lambda a: None if a is None else a.reshape(n, length), stats)
+
+
+def completion_values(value_graphdef, value_params, batch):
+  """The value model's V(s_t) [N, L]: its score at the position before each completion token."""
+  model = nnx.merge(value_graphdef, value_params)
+  return _completion_slice(model(batch["inputs"], batch["positions"], batch["segment_ids"]), batch)
+
+
+def make_score_fn(graphdef, value_graphdef, *, impl: str):
+  """(parts, batch) -> {old_logprobs, entropy, [ref_logprobs], [values]} [N, L], no gradient: the
+  trainer's view of the rollouts before the update (with `parts['ref']`, `parts['value']` if present)."""
+
+  def score(parts, batch):
+    stats = completion_stats(graphdef, parts["policy"], batch, impl=impl, ref_params=parts.get("ref"))
+    out = {"old_logprobs": stats.logprobs, "entropy": stats.entropy}
+    if "ref" in parts:
+      out["ref_logprobs"] = stats.ref_logprobs
+    if "value" in parts:
+      out["values"] = completion_values(value_graphdef, parts["value"], batch)
+    return jax.lax.stop_gradient(out)
+
+  return score
+
+
+def make_loss_fn(graphdef, value_graphdef, rl, *, impl: str):
+  """(parts, batch, rng) -> (loss sum, (count, metric sums)) for `alignment.train.step.make_train_step`.
+
+  Per token: the clipped surrogate (`rl.clip_eps`, `rl.clip_eps_high`, `rl.ratio_level`), times the
+  TIS weight when present, plus `rl.kl_coef` x the `rl.kl_estimator` KL to the reference when the KL is
+  a loss term (`rl.kl_in == 'loss'`), minus `rl.entropy_coef` x the entropy; reduced by
+  `rl.aggregation`. With a value part, `rl.vf_coef` x its clipped value loss, reduced the same way.
+  Metric sums are reduced the same way too, so metric / count is each one's mean in that weighting."""
+  kl_in_loss = rl.kl_in == "loss" and rl.kl_coef > 0
+
+  def reduce(per_token, mask):
+    return ppo.aggregate(per_token, mask, rl.aggregation, max_len=rl.max_new_tokens)
+
+  def loss_fn(parts, batch, rng):
+    del rng
+    mask = batch["mask"]
+    stats = completion_stats(graphdef, parts["policy"], batch, impl=impl)
+    per_token, m = ppo.clipped_policy_loss(stats.logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                           clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high or None,
+                                           ratio_level=rl.ratio_level)
+    if "tis" in batch:
+      per_token = per_token * batch["tis"]
+    aux_tokens = {"policy/clip_frac": m["clipped"], "policy/ratio": m["ratio"], "policy/entropy": stats.entropy}
+    if kl_in_loss:
+      kl = ppo.kl_penalty(stats.logprobs, batch["ref_logprobs"], rl.kl_estimator)
+      per_token = per_token + rl.kl_coef * kl
+      aux_tokens["policy/kl_loss"] = kl
+    if rl.entropy_coef:
+      per_token = per_token - rl.entropy_coef * stats.entropy
+    loss_sum, count = reduce(per_token, mask)
+    aux = {"policy/loss": loss_sum}
+    if "value" in parts:
+      values = completion_values(value_graphdef, parts["value"], batch)
+      value_token, vm = ppo.clipped_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                               clip_eps=rl.vf_clip)
+      value_sum, _ = reduce(value_token, mask)
+      loss_sum = loss_sum + rl.vf_coef * value_sum
+      aux["value/loss"] = value_sum
+      aux_tokens["value/clip_frac"] = vm["clipped"]
+    aux.update({k: reduce(v, mask)[0] for k, v in aux_tokens.items()})
+    return loss_sum, (count, aux)
+
+  return loss_fn
