@@ -176,7 +176,7 @@ def rl_config(algorithm: str, loss: str):
       top_k=0,
       rewards="gym",             # name[:weight],... (alignment.rl.rewards) or package.module:function[:weight]
       reward_model="",           # the workdir of a reward model (reward 'reward_model', value_init 'reward_model')
-      kl_coef=0.04,              # 0: no reference model
+      kl_coef=-1.0,              # 0: no reference model
       kl_estimator="k3",         # k1 | k2 | k3 | abs
       kl_in="",                  # loss | reward
       kl_target=0.0,             # > 0: Ziegler et al.'s adaptive coefficient, aiming at this KL per sequence

@@ -32,9 +32,8 @@ def _apply_preset(c, preset):
     c.rl.prompts = "gym:train"
     c.rl.rewards = "vowels"
     c.rl.max_prompt_tokens, c.rl.max_new_tokens = 96, 24
-    c.optim.lr = 3e-3
+    c.optim.lr = 2e-3
     c.train.steps = 40
-    c.rl.kl_coef = 0.01
     return
   c.model.name = "smollm2-135m-instruct"
   c.rl.prompts, c.rl.rewards = "gym:train", "gym"

@@ -19,13 +19,13 @@ def get_config(arg=None):
   a = common.parse_arg(arg, ["tiny", "smollm2"], steps=0, reward_model="", kl_target=0.0)
   c = common.rl_config("ppo", "ppo")
   c.rl.epochs, c.rl.minibatches = 2, 2
-  c.rl.kl_coef = 0.05
   if a.preset == "tiny":
     c.model.name = "tiny-random"
     c.rl.rewards = "vowels"
     c.rl.max_prompt_tokens, c.rl.max_new_tokens = 96, 24
-    c.optim.lr = 3e-3
+    c.optim.lr = 2e-3
     c.rl.value_lr = 3e-3
+    c.rl.epochs = 1
     c.train.steps = 40
   else:
     c.model.name = "smollm2-135m-instruct"

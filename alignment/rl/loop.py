@@ -208,6 +208,7 @@ def _advantages(config, rl, r: rollout.Rollouts, scores, scored, kl_coef: float)
   add["old_logprobs"] = old
   if rl.kl_in == "loss" and "ref_logprobs" in scored:
     add["ref_logprobs"] = scored["ref_logprobs"]
+    add["kl_coef"] = np.full(len(old), kl_coef, np.float32)
   if rl.tis_cap:
     add["tis"] = np.asarray(ppo_losses.tis_weights(old, r.sampler_logprobs, mask, cap=rl.tis_cap))
   if rl.missing_eos_penalty or rl.overlong_cache or rl.reward_clip:

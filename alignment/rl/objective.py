@@ -8,7 +8,8 @@ right-padded), in the layout the sampler produced:
   completion, mask                [N, L]          the sampled tokens and 1 on those that carry loss
   old_logprobs                    [N, L]          the trainer's log-probs before the update (the ratio's base)
   advantages                      [N, L]          (a sequence advantage repeated over the row's tokens)
-  ref_logprobs                    [N, L]          when the KL to the reference is a loss term
+  ref_logprobs, kl_coef           [N, L], [N]     when the KL to the reference is a loss term (the coefficient
+                                                  an input: the adaptive controller moves it between steps)
   tis                             [N, L]          truncated importance weights, when `config.rl.tis_cap`
   old_values, returns             [N, L]          PPO: the value model's estimates before the update, and targets
 
@@ -72,8 +73,8 @@ def make_loss_fn(graphdef, value_graphdef, rl, *, impl: str):
   """(parts, batch, rng) -> (loss sum, (count, metric sums)) for `alignment.train.step.make_train_step`.
 
   Per token: the clipped surrogate (`rl.clip_eps`, `rl.clip_eps_high`, `rl.ratio_level`), times the
-  TIS weight when present, plus `rl.kl_coef` x the `rl.kl_estimator` KL to the reference when the KL is
-  a loss term (`rl.kl_in == 'loss'`), minus `rl.entropy_coef` x the entropy; reduced by
+  TIS weight when present, plus the batch's `kl_coef` x the `rl.kl_estimator` KL to the reference when
+  the KL is a loss term (`rl.kl_in == 'loss'`), minus `rl.entropy_coef` x the entropy; reduced by
   `rl.aggregation`. With a value part, `rl.vf_coef` x its clipped value loss, reduced the same way.
   Metric sums are reduced the same way too, so metric / count is each one's mean in that weighting."""
   kl_in_loss = rl.kl_in == "loss" and rl.kl_coef > 0
@@ -93,7 +94,7 @@ def make_loss_fn(graphdef, value_graphdef, rl, *, impl: str):
     aux_tokens = {"policy/clip_frac": m["clipped"], "policy/ratio": m["ratio"], "policy/entropy": stats.entropy}
     if kl_in_loss:
       kl = ppo.kl_penalty(stats.logprobs, batch["ref_logprobs"], rl.kl_estimator)
-      per_token = per_token + rl.kl_coef * kl
+      per_token = per_token + batch["kl_coef"][:, None] * kl
       aux_tokens["policy/kl_loss"] = kl
     if rl.entropy_coef:
       per_token = per_token - rl.entropy_coef * stats.entropy

@@ -17,13 +17,13 @@ import ml_collections
 from alignment.choices import RL_LOSSES
 
 # key -> value per preset; keys absent from a preset take DEFAULTS
-DEFAULTS = dict(advantage="grpo", aggregation="seq_mean_token_mean", kl_in="loss", ratio_level="token",
+DEFAULTS = dict(advantage="grpo", aggregation="seq_mean_token_mean", kl_in="loss", kl_coef=0.04, ratio_level="token",
                 clip_eps=0.2, clip_eps_high=0.0, dynamic_sampling=0, overlong_cache=0)
 PRESETS = {
-    "ppo": dict(advantage="gae", aggregation="token_mean", kl_in="reward"),
+    "ppo": dict(advantage="gae", aggregation="token_mean", kl_in="reward", kl_coef=0.05),
     "grpo": dict(),
     "dr_grpo": dict(advantage="dr_grpo", aggregation="seq_mean_token_sum_norm"),
-    "dapo": dict(aggregation="token_mean", clip_eps_high=0.28, dynamic_sampling=1, overlong_cache=-4),
+    "dapo": dict(aggregation="token_mean", kl_coef=0.0, clip_eps_high=0.28, dynamic_sampling=1, overlong_cache=-4),
     "gspo": dict(ratio_level="sequence", clip_eps=3e-4, clip_eps_high=4e-4),
     "rloo": dict(advantage="rloo", aggregation="token_mean", kl_in="reward"),
     "reinforce_pp": dict(advantage="reinforce_pp", aggregation="token_mean", kl_in="reward"),
