@@ -116,15 +116,16 @@ class Transformer(nnx.Module):
       setattr(node, name, nnx.Param(value, out_sharding=spec.axes, eager_sharding=False))
 
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+               segment_ids: Optional[jax.Array] = None, *, prefix_ids: Optional[jax.Array] = None) -> jax.Array:
     """tokens, positions, segment_ids: [B, T] int32. positions default to arange(T) per row; segment_ids
     to all ones. A token attends to earlier tokens of its own segment only; segment 0 is padding (its
-    outputs are finite and meaningless, and no other token sees it). Returns the final hidden states
-    [B, T, D] after the final norm."""
-    return self.top(*self.trunk(tokens, positions, segment_ids))
+    outputs are finite and meaningless, and no other token sees it). prefix_ids [B, T] int32 (prefix
+    sharing, see `context`): a token also attends to earlier tokens of the segment its prefix id names.
+    Returns the final hidden states [B, T, D] after the final norm."""
+    return self.top(*self.trunk(tokens, positions, segment_ids, prefix_ids=prefix_ids))
 
   def trunk(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
-            segment_ids: Optional[jax.Array] = None):
+            segment_ids: Optional[jax.Array] = None, *, prefix_ids: Optional[jax.Array] = None):
     """The embedding and the first `cfg.frozen_layers` layers -> (x [B, T, D], attention context).
 
     Those layers run under stop_gradient (their weights get zero gradient and the backward pass ends
@@ -138,7 +139,7 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones((B, T), jnp.int32)
     table = jax.lax.stop_gradient(self.embed[...]) if cfg.frozen_embeddings else self.embed[...]
     x = embed(cfg, table, tokens)
-    ctx = context(cfg, positions, segment_ids)
+    ctx = context(cfg, positions, segment_ids, prefix_ids)
     n = cfg.frozen_layers
     if n:
       lower = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:n]), self._layer_weights())
@@ -203,15 +204,24 @@ def _rope(x, cos, sin):
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def context(cfg: ModelConfig, positions, segment_ids):
+def context(cfg: ModelConfig, positions, segment_ids, prefix_ids=None):
   """Per-call tensors shared by all layers, without a cache: RoPE tables and boolean masks [B, T, T]
-  (query, key). positions, segment_ids [B, T] int32."""
+  (query, key). positions, segment_ids [B, T] int32.
+
+  prefix_ids [B, T] int32 (None: all 0) shares one prompt between several continuations in a row: a
+  token's prefix id is the segment id of the prompt its segment continues (0: none), and the token also
+  attends to that segment's earlier tokens. A continuation's positions carry on from its prompt's, so
+  the local layers then window by position difference: each continuation sees what it would in a row
+  of its own."""
   idx = jnp.arange(positions.shape[1])
   causal = idx[None, :] <= idx[:, None]
   # Padding (segment 0) attends to earlier padding, so no row is empty and nothing is NaN.
   mask = causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  # Windowed by token index, as HF does; within a segment that equals the position difference.
-  return _context(cfg, positions, mask, idx[:, None] - idx[None, :])
+  if prefix_ids is None:
+    # Windowed by token index, as HF does; within a segment that equals the position difference.
+    return _context(cfg, positions, mask, (idx[:, None] - idx[None, :])[None])
+  prefix = (prefix_ids[:, :, None] != 0) & (segment_ids[:, None, :] == prefix_ids[:, :, None])
+  return _context(cfg, positions, mask | (causal[None] & prefix), positions[:, :, None] - positions[:, None, :])
 
 
 def cache_context(cfg: ModelConfig, positions, slot, key_valid):
@@ -221,19 +231,19 @@ def cache_context(cfg: ModelConfig, positions, slot, key_valid):
   slots up to its own (masks [B, T, S])."""
   q_idx = slot + jnp.arange(positions.shape[1])[:, None]
   k_idx = jnp.arange(key_valid.shape[1])[None, :]
-  ctx = _context(cfg, positions, key_valid[:, None, :] & (k_idx <= q_idx)[None], q_idx - k_idx)
+  ctx = _context(cfg, positions, key_valid[:, None, :] & (k_idx <= q_idx)[None], (q_idx - k_idx)[None])
   ctx["slot"] = slot
   return ctx
 
 
 def _context(cfg: ModelConfig, positions, mask, distance):
-  """RoPE tables and masks; the local layers' mask adds the sliding window over `distance` [T, S] (query
-  index - key index)."""
+  """RoPE tables and masks; the local layers' mask adds the sliding window over `distance` [B or 1, T, S]
+  (query - key, in token index or position)."""
   ctx = {"rope": _rope_tables(positions, cfg.head_dim, cfg.rope_theta), "mask": mask}
   if True in cfg.layer_is_local:
     ctx["local_rope"] = (ctx["rope"] if cfg.local_theta == cfg.rope_theta
                          else _rope_tables(positions, cfg.head_dim, cfg.local_theta))
-    ctx["local_mask"] = mask & (distance < cfg.sliding_window)[None]
+    ctx["local_mask"] = mask & (distance < cfg.sliding_window)
   return ctx
 
 
