@@ -69,7 +69,48 @@ def summarize(iterations, first_iter_s: float, **extra) -> dict:
 
 
 def ours_side(args, prompts, reward, turn=lambda: None) -> dict:
-  raise NotImplementedError("filled in by the JAX side")
+  """`alignment.rl.loop.Learner` (what `python -m alignment.main --config=configs/grpo.py:smollm2` runs) on
+  the same workload: its iteration reports the phases' times itself."""
+  turn()
+  from alignment.parallel import make_mesh
+  from alignment.rl import rewards as rewards_lib
+  from alignment.rl.loop import Learner
+  from alignment.train import state as state_lib
+  from configs import grpo
+
+  rewards_lib.register("short_words")(lambda config, mesh: lambda records, completions: reward(completions))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "prompts.jsonl")
+    with open(path, "w") as f:
+      f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    config = grpo.get_config("smollm2")
+    config.rl.update(prompts=path, rewards="short_words", prompts_per_step=args.prompts, group_size=args.group,
+                     max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE, top_p=TOP_P, kl_coef=BETA)
+    config.optim.lr = LEARNING_RATE
+    config.model.remat = "none"  # TRL runs without gradient checkpointing
+    config.train.steps = 1 + args.iters * args.rounds
+    mesh = make_mesh({"data": -1})
+    learner = Learner(config, mesh)
+  iterations, first = [], None
+  with jax.set_mesh(mesh):
+    state = state_lib.create_train_state(learner.parts, learner.shardings, config.train.seed)
+    for step in range(1, config.train.steps + 1):
+      start, cpu_start = time.perf_counter(), time.process_time()
+      state, step_metrics, record = learner.iteration(state, step)
+      jax.block_until_ready(state)
+      it = {k: record[f"time/{k}"] for k in ("generate_s", "score_s", "reward_s", "train_s")}
+      it.update(total_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start,
+                response_len=record["rollout/response_len"])
+      it["other_s"] = it["total_s"] - sum(it[k] for k in ("generate_s", "score_s", "reward_s", "train_s"))
+      if first is None:
+        first = it
+      else:
+        iterations.append(it)
+        if len(iterations) % args.iters == 0 and len(iterations) < args.iters * args.rounds:
+          turn()
+  return summarize(iterations, first["total_s"], jax=jax.__version__,
+                   score_passes="old log-probs (for the ratio and the sampler/trainer mismatch) and reference, "
+                                "one jitted function")
 
 
 def trl_side(args, prompts, reward, turn=lambda: None) -> dict:

@@ -211,60 +211,112 @@ def _advantages(config, rl, r: rollout.Rollouts, scores, scored, kl_coef: float)
     add["kl_coef"] = np.full(len(old), kl_coef, np.float32)
   if rl.tis_cap:
     add["tis"] = np.asarray(ppo_losses.tis_weights(old, r.sampler_logprobs, mask, cap=rl.tis_cap))
+    metrics["rollout/tis_weight"] = float(add["tis"].sum() / tokens)
+    metrics["rollout/tis_capped"] = float((add["tis"] >= rl.tis_cap).sum() / tokens)
   if rl.missing_eos_penalty or rl.overlong_cache or rl.reward_clip:
     metrics["reward/shaped"] = float(total.mean())
   metrics["reward/std"] = float(scores["total"].std())
   return add, metrics
 
 
+class Learner:
+  """What an iteration needs, built once from the config (model parts and their shardings, prompts, rewards,
+  the compiled sampler, scoring pass and update), and the iteration itself. Its mutable position (the prompt
+  stream and the KL coefficient) is `position()`, saved with each checkpoint and given back by `resume`."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.rl = rl = presets.resolve(config)
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    self.policy = policy = setup_model(config.model, config.seed)
+    self.tokenizer = chat_tokenizer(config, policy.tokenizer)
+    self.prompts = prompts_lib.load_prompts(rl, self.tokenizer)
+    rewards = rewards_lib.make_rewards(config, mesh)
+    total_steps = config.train.steps * rl.epochs * rl.minibatches
+    parts = {"policy": policy.part(make_optimizer(config.optim, total_steps,
+                                                  frozen_layers=config.model.get("frozen_layers", 0),
+                                                  frozen_embeddings=config.model.get("frozen_embeddings", False)))}
+    if rl.kl_coef > 0:
+      parts["ref"] = policy.part()
+    if config.algorithm == "ppo":
+      parts["value"] = _value_part(config, rl, policy, total_steps)
+    self.parts = parts
+    self.shardings = shardings = state_lib.state_shardings(parts, mesh, rules)
+    parts_sharding = {name: shardings[name] for name in parts}
+    value_graphdef = parts["value"].spec.graphdef if "value" in parts else None
+    eos_ids = sampler_lib.stop_and_pad_ids(self.tokenizer)[0]
+    sampling = sampler_lib.SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                                          top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos_ids, pad_id=0)
+    sampler_fn = sampler_lib.make_sampler(policy.cfg, sampling, mesh, rl.group_size, replicated(mesh))
+    self.score_fn = jax.jit(objective.make_score_fn(policy.spec.graphdef, value_graphdef, impl=config.kernel.impl,
+                                                    temperature=rl.temperature),
+                            in_shardings=(parts_sharding, None), out_shardings=replicated(mesh))
+    loss_fn = objective.make_loss_fn(policy.spec.graphdef, value_graphdef, rl, impl=config.kernel.impl)
+    self.update = jax.jit(make_update(loss_fn, state_lib.trained(parts), epochs=rl.epochs,
+                                      minibatches=rl.minibatches, grad_accum_steps=config.optim.grad_accum_steps),
+                          in_shardings=(shardings, None), out_shardings=(shardings, replicated(mesh)),
+                          donate_argnums=0)
+    self.stream = prompts_lib.PromptStream(len(self.prompts.ids), config.seed)
+    self.kl_coef = rl.kl_coef
+    self.collector = _Collector(config, rl, self.prompts, self.stream, rewards, self.tokenizer, sampler_fn, mesh)
+
+  def position(self) -> dict:
+    return {"data": self.stream.get_state(), "kl_coef": self.kl_coef}
+
+  def resume(self, meta: dict) -> None:
+    self.stream.set_state(meta["data"])
+    self.kl_coef = meta["kl_coef"]
+
+  def iteration(self, state, step: int) -> tuple:
+    """One iteration (module docstring) -> (state, the update's metrics on the devices, the host's metrics:
+    rewards, rollout and KL figures, and the time of each phase)."""
+    rl, times = self.rl, {"generate": 0.0, "reward": 0.0}
+    r, scores, info = self.collector.collect(state["policy"], step, times)
+    start = time.perf_counter()
+    batch = rollout.training_batch(r, rl.group_size)
+    scored = jax.device_get(self.score_fn(state_lib.parts_of(state), shard_batch(batch, self.mesh)))
+    scored = {k: np.asarray(v) for k, v in scored.items()}
+    score_s = time.perf_counter() - start
+    add, record = _advantages(self.config, rl, r, scores, scored, self.kl_coef)
+    start = time.perf_counter()
+    batch.update(add)
+    state, step_metrics = self.update(state, shard_batch(batch, self.mesh))
+    jax.block_until_ready(step_metrics)
+    train_s = time.perf_counter() - start
+    record.update(info)
+    record.update({f"reward/{k}": float(v.mean()) for k, v in scores.items() if k != "total"})
+    record["reward/mean"] = float(scores["total"].mean())
+    record["kl_coef"] = self.kl_coef
+    record["rollout/response_len"] = float(r.lengths.mean())
+    record["rollout/eos_rate"] = float(r.finished.mean())
+    record["rollout/tokens"] = int(r.mask.sum())
+    record["rollout/tokens_per_s"] = float(r.mask.sum() / max(times["generate"], 1e-9))
+    record.update({"time/generate_s": times["generate"], "time/reward_s": times["reward"], "time/score_s": score_s,
+                   "time/train_s": train_s})
+    if rl.kl_target and "kl/ref" in record:
+      self.kl_coef = float(ppo_losses.adaptive_kl_coef(self.kl_coef, record["kl/ref"], target=rl.kl_target,
+                                                       horizon=rl.kl_horizon, steps=len(r.texts)))
+    return state, step_metrics, record
+
+
 def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
   """Runs (or resumes) `config.train.steps` iterations of online RL in `workdir`; returns the summary."""
   mesh = make_mesh(config.mesh)
   check_rl_config(config, mesh)
-  rl = presets.resolve(config)
   resume = check_workdir(config, workdir, accept_config_changes)
   if resume.finished:
     return resume.summary
-  rules = tuple(tuple(r) for r in config.sharding.rules)
-  policy = setup_model(config.model, config.seed)
-  tokenizer = chat_tokenizer(config, policy.tokenizer)
-  prompt_set = prompts_lib.load_prompts(rl, tokenizer)
-  rewards = rewards_lib.make_rewards(config, mesh)
-  total_steps = config.train.steps * rl.epochs * rl.minibatches
-  parts = {"policy": policy.part(make_optimizer(config.optim, total_steps,
-                                                frozen_layers=config.model.get("frozen_layers", 0),
-                                                frozen_embeddings=config.model.get("frozen_embeddings", False)))}
-  if rl.kl_coef > 0:
-    parts["ref"] = policy.part()
-  if config.algorithm == "ppo":
-    parts["value"] = _value_part(config, rl, policy, total_steps)
-  shardings = state_lib.state_shardings(parts, mesh, rules)
-  parts_sharding = {name: shardings[name] for name in parts}
-  value_graphdef = parts["value"].spec.graphdef if "value" in parts else None
-  sampling = sampler_lib.SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
-                                        top_p=rl.top_p, eos_ids=sampler_lib.stop_and_pad_ids(tokenizer)[0], pad_id=0)
-  sampler_fn = sampler_lib.make_sampler(policy.cfg, sampling, mesh, rl.group_size, replicated(mesh))
-  score_fn = jax.jit(objective.make_score_fn(policy.spec.graphdef, value_graphdef, impl=config.kernel.impl),
-                     in_shardings=(parts_sharding, None), out_shardings=replicated(mesh))
-  loss_fn = objective.make_loss_fn(policy.spec.graphdef, value_graphdef, rl, impl=config.kernel.impl)
-  update = jax.jit(make_update(loss_fn, state_lib.trained(parts), epochs=rl.epochs, minibatches=rl.minibatches,
-                               grad_accum_steps=config.optim.grad_accum_steps),
-                   in_shardings=(shardings, None), out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+  learner = Learner(config, mesh)
   gym = None
   if config.evals.every:
-    gym = gym_eval.GymEvaluator(config, types.SimpleNamespace(model_cfg=policy.cfg, tokenizer=tokenizer,
+    gym = gym_eval.GymEvaluator(config, types.SimpleNamespace(model_cfg=learner.policy.cfg, tokenizer=learner.tokenizer,
                                                               reward_metric="reward/mean"), workdir)
-
   run = Run(config, workdir, resume)
   try:
-    state, meta = run.restore_or_create(parts, shardings)
-    stream = prompts_lib.PromptStream(len(prompt_set.ids), config.seed)
-    kl_coef = rl.kl_coef
+    state, meta = run.restore_or_create(learner.parts, learner.shardings)
     if meta is not None:
-      stream.set_state(meta["data"])
-      kl_coef = meta["kl_coef"]
-    collector = _Collector(config, rl, prompt_set, stream, rewards, tokenizer, sampler_fn, mesh)
-    summary = {"workdir": str(run.workdir), "start_step": run.start_step, **prompt_set.info}
+      learner.resume(meta)
+    summary = {"workdir": str(run.workdir), "start_step": run.start_step, **learner.prompts.info}
     skipped = int(jax.device_get(state["skipped_steps"]))
     with jax.set_mesh(mesh):
       if run.start_step == 0 and config.train.eval_at_start and gym is not None:
@@ -274,23 +326,8 @@ def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
         summary.update({k.replace("gym/", "gym_at_start/"): v for k, v in at_start.items() if k.startswith("gym/")})
         run.log(0, at_start)
       for step in run.steps():
-        times = {"generate": 0.0, "reward": 0.0}
-        r, scores, info = collector.collect(state["policy"], step, times)
-        start = time.perf_counter()
-        batch = rollout.training_batch(r, rl.group_size)
-        sharded = shard_batch(batch, mesh)
-        scored = {k: np.asarray(v) for k, v in jax.device_get(score_fn(state_lib.parts_of(state), sharded)).items()}
-        score_s = time.perf_counter() - start
-        add, rl_metrics = _advantages(config, rl, r, scores, scored, kl_coef)
-        start = time.perf_counter()
-        batch.update(add)
-        state, step_metrics = update(state, shard_batch(batch, mesh))
-        jax.block_until_ready(step_metrics)
-        train_s = time.perf_counter() - start
-        run.count_tokens(int(r.mask.sum()))
-        if rl.kl_target and "kl/ref" in rl_metrics:
-          kl_coef = float(ppo_losses.adaptive_kl_coef(kl_coef, rl_metrics["kl/ref"], target=rl.kl_target,
-                                                      horizon=rl.kl_horizon, steps=len(r.texts)))
+        state, step_metrics, host_metrics = learner.iteration(state, step)
+        run.count_tokens(host_metrics["rollout/tokens"])
         stop = run.stop_requested(step)
         last = step == config.train.steps
         save = run.should_save(step, stop)
@@ -298,15 +335,7 @@ def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
         if run.should_log(step) or save:
           record = run.step_metrics(step, step_metrics)
           skipped = _check_finite(config, run, state, step, record, skipped)
-          record.update(rl_metrics, **info)
-          record.update({f"reward/{k}": float(v.mean()) for k, v in scores.items() if k != "total"})
-          record["reward/mean"] = float(scores["total"].mean())
-          record["kl_coef"] = kl_coef
-          record["rollout/response_len"] = float(r.lengths.mean())
-          record["rollout/eos_rate"] = float(r.finished.mean())
-          record["rollout/tokens_per_s"] = float(r.mask.sum() / max(times["generate"], 1e-9))
-          record.update({"time/generate_s": times["generate"], "time/reward_s": times["reward"],
-                         "time/score_s": score_s, "time/train_s": train_s})
+          record.update(host_metrics)
           summary.setdefault("first_reward", record["reward/mean"])
           summary["final_reward"] = record["reward/mean"]
           summary["final_kl"] = record.get("kl/ref", 0.0)
@@ -318,7 +347,7 @@ def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
             summary.update({k: v for k, v in record.items() if k.startswith(("gym/", "monitor/"))})
         run.log(step, record)
         if save:
-          run.save(step, state, {"data": stream.get_state(), "kl_coef": kl_coef})
+          run.save(step, state, learner.position())
         if stop and not last:
           run.exit_stopped(step)
     summary["steps"] = config.train.steps

@@ -31,8 +31,9 @@ def _completion_slice(x, batch):
   return x[:, x.shape[1] - length:]
 
 
-def completion_stats(graphdef, params, batch, *, impl: str, ref_params=None):
-  """LogprobStats of the completion tokens, each field [N, L] (with the reference's when given)."""
+def completion_stats(graphdef, params, batch, *, impl: str, temperature: float = 1.0, ref_params=None):
+  """LogprobStats of the completion tokens, each field [N, L] (with the reference's when given), under
+  softmax(logits / temperature): the distribution the sampler drew from before any top-k / top-p."""
   model = nnx.merge(graphdef, params)
   inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
   hidden = _completion_slice(model(*inputs), batch)
@@ -43,7 +44,7 @@ def completion_stats(graphdef, params, batch, *, impl: str, ref_params=None):
     ref = dict(ref_hidden=_completion_slice(ref_model(*inputs), batch).reshape(n * length, d),
                ref_unembed=ref_model.unembed_matrix())
   stats = token_logprobs(hidden.reshape(n * length, d), model.unembed_matrix(), batch["completion"].reshape(-1),
-                         impl=impl, **ref)
+                         impl=impl, temperature=temperature, **ref)
   return jax.tree.map(lambda a: None if a is None else a.reshape(n, length), stats)
 
 
@@ -53,12 +54,13 @@ def completion_values(value_graphdef, value_params, batch):
   return _completion_slice(model(batch["inputs"], batch["positions"], batch["segment_ids"]), batch)
 
 
-def make_score_fn(graphdef, value_graphdef, *, impl: str):
+def make_score_fn(graphdef, value_graphdef, *, impl: str, temperature: float = 1.0):
   """(parts, batch) -> {old_logprobs, entropy, [ref_logprobs], [values]} [N, L], no gradient: the
   trainer's view of the rollouts before the update (with `parts['ref']`, `parts['value']` if present)."""
 
   def score(parts, batch):
-    stats = completion_stats(graphdef, parts["policy"], batch, impl=impl, ref_params=parts.get("ref"))
+    stats = completion_stats(graphdef, parts["policy"], batch, impl=impl, temperature=temperature,
+                             ref_params=parts.get("ref"))
     out = {"old_logprobs": stats.logprobs, "entropy": stats.entropy}
     if "ref" in parts:
       out["ref_logprobs"] = stats.ref_logprobs
@@ -72,7 +74,7 @@ def make_score_fn(graphdef, value_graphdef, *, impl: str):
 def make_loss_fn(graphdef, value_graphdef, rl, *, impl: str):
   """(parts, batch, rng) -> (loss sum, (count, metric sums)) for `alignment.train.step.make_train_step`.
 
-  Per token: the clipped surrogate (`rl.clip_eps`, `rl.clip_eps_high`, `rl.ratio_level`), times the
+  Log-probs are at the sampling temperature `rl.temperature`. Per token: the clipped surrogate (`rl.clip_eps`, `rl.clip_eps_high`, `rl.ratio_level`), times the
   TIS weight when present, plus the batch's `kl_coef` x the `rl.kl_estimator` KL to the reference when
   the KL is a loss term (`rl.kl_in == 'loss'`), minus `rl.entropy_coef` x the entropy; reduced by
   `rl.aggregation`. With a value part, `rl.vf_coef` x its clipped value loss, reduced the same way.
@@ -85,7 +87,7 @@ def make_loss_fn(graphdef, value_graphdef, rl, *, impl: str):
   def loss_fn(parts, batch, rng):
     del rng
     mask = batch["mask"]
-    stats = completion_stats(graphdef, parts["policy"], batch, impl=impl)
+    stats = completion_stats(graphdef, parts["policy"], batch, impl=impl, temperature=rl.temperature)
     per_token, m = ppo.clipped_policy_loss(stats.logprobs, batch["old_logprobs"], batch["advantages"], mask,
                                            clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high or None,
                                            ratio_level=rl.ratio_level)
