@@ -183,11 +183,15 @@ def _advantages(config, rl, r: rollout.Rollouts, scores, scored, kl_coef: float)
                                                             cache_len=rl.overlong_cache))
   if rl.reward_clip:
     total = np.clip(total, -rl.reward_clip, rl.reward_clip)
-  old = scored["old_logprobs"]
-  diff = np.where(valid, r.sampler_logprobs - old, 0.0)
   tokens = max(int(valid.sum()), 1)
-  metrics["rollout/logprob_mismatch"] = float(np.abs(diff).sum() / tokens)
-  metrics["rollout/mismatch_kl"] = float((np.expm1(-diff) + diff).sum() / tokens)  # k3 of KL(sampler || trainer)
+  on_policy = "old_logprobs" not in scored  # the update measures the mismatch (and weighs TIS) itself
+  # The trainer's log-probs before the update; on policy, the sampler's stand in for the KL figures (they
+  # differ by rollout/logprob_mismatch, ~1e-6 in float32 without top-k / top-p).
+  old = r.sampler_logprobs if on_policy else scored["old_logprobs"]
+  if not on_policy:
+    diff = np.where(valid, r.sampler_logprobs - old, 0.0)
+    metrics["rollout/logprob_mismatch"] = float(np.abs(diff).sum() / tokens)
+    metrics["rollout/mismatch_kl"] = float((np.expm1(-diff) + diff).sum() / tokens)  # k3 of KL(sampler || trainer)
   kl_tokens = np.zeros_like(old)
   if "ref_logprobs" in scored:
     kl_tokens = np.where(valid, np.asarray(ppo_losses.kl_penalty(old, scored["ref_logprobs"], rl.kl_estimator)), 0.0)
@@ -205,11 +209,11 @@ def _advantages(config, rl, r: rollout.Rollouts, scores, scored, kl_coef: float)
     sequence = total - (kl_coef * kl_tokens.sum(axis=1) if rl.kl_in == "reward" else 0.0)
     advantages = rollout.sequence_advantages(sequence, rl.group_size, rl.advantage)
     add["advantages"] = np.where(valid, advantages[:, None], 0.0).astype(np.float32)
-  add["old_logprobs"] = old
+  add["sampler_logprobs" if on_policy else "old_logprobs"] = old
   if rl.kl_in == "loss" and "ref_logprobs" in scored:
     add["ref_logprobs"] = scored["ref_logprobs"]
     add["kl_coef"] = np.full(len(old), kl_coef, np.float32)
-  if rl.tis_cap:
+  if rl.tis_cap and not on_policy:
     add["tis"] = np.asarray(ppo_losses.tis_weights(old, r.sampler_logprobs, mask, cap=rl.tis_cap))
     metrics["rollout/tis_weight"] = float(add["tis"].sum() / tokens)
     metrics["rollout/tis_capped"] = float((add["tis"] >= rl.tis_cap).sum() / tokens)
@@ -248,8 +252,11 @@ class Learner:
     sampling = sampler_lib.SamplingConfig(max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                                           top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos_ids, pad_id=0)
     sampler_fn = sampler_lib.make_sampler(policy.cfg, sampling, mesh, rl.group_size, replicated(mesh))
+    # One update a rollout, no value model, no KL in the reward: nothing needs the policy's log-probs before
+    # the update but the loss, which computes them anyway (TRL's shortcut too): the scoring pass skips it.
+    on_policy = rl.epochs * rl.minibatches == 1 and "value" not in parts and not (rl.kl_in == "reward" and "ref" in parts)
     self.score_fn = jax.jit(objective.make_score_fn(policy.spec.graphdef, value_graphdef, impl=config.kernel.impl,
-                                                    temperature=rl.temperature),
+                                                    temperature=rl.temperature, policy_pass=not on_policy),
                             in_shardings=(parts_sharding, None), out_shardings=replicated(mesh))
     loss_fn = objective.make_loss_fn(policy.spec.graphdef, value_graphdef, rl, impl=config.kernel.impl)
     self.update = jax.jit(make_update(loss_fn, state_lib.trained(parts), epochs=rl.epochs,

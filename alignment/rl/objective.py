@@ -6,7 +6,9 @@ right-padded), in the layout the sampler produced:
 
   inputs, positions, segment_ids  [N, P + L - 1]  the model's input (the last completion token is never one)
   completion, mask                [N, L]          the sampled tokens and 1 on those that carry loss
-  old_logprobs                    [N, L]          the trainer's log-probs before the update (the ratio's base)
+  old_logprobs                    [N, L]          the trainer's log-probs before the update (the ratio's base); or,
+  sampler_logprobs                [N, L]          with one update a rollout, the sampler's (the loss detaches its own
+                                                  as the base, and measures the mismatch and TIS weights there)
   advantages                      [N, L]          (a sequence advantage repeated over the row's tokens)
   ref_logprobs, kl_coef           [N, L], [N]     when the KL to the reference is a loss term (the coefficient
                                                   an input: the adaptive controller moves it between steps)
@@ -54,16 +56,24 @@ def completion_values(value_graphdef, value_params, batch):
   return _completion_slice(model(batch["inputs"], batch["positions"], batch["segment_ids"]), batch)
 
 
-def make_score_fn(graphdef, value_graphdef, *, impl: str, temperature: float = 1.0):
-  """(parts, batch) -> {old_logprobs, entropy, [ref_logprobs], [values]} [N, L], no gradient: the
-  trainer's view of the rollouts before the update (with `parts['ref']`, `parts['value']` if present)."""
+def make_score_fn(graphdef, value_graphdef, *, impl: str, temperature: float = 1.0, policy_pass: bool = True):
+  """(parts, batch) -> {[old_logprobs, entropy], [ref_logprobs], [values]} [N, L], no gradient: the
+  trainer's view of the rollouts before the update (with `parts['ref']`, `parts['value']` if present).
+
+  Without `policy_pass` (one update a rollout, nothing read from the policy before it) the policy is not
+  run: its log-probs before the update are the ones the loss computes, detached (`make_loss_fn`)."""
 
   def score(parts, batch):
-    stats = completion_stats(graphdef, parts["policy"], batch, impl=impl, temperature=temperature,
-                             ref_params=parts.get("ref"))
-    out = {"old_logprobs": stats.logprobs, "entropy": stats.entropy}
-    if "ref" in parts:
-      out["ref_logprobs"] = stats.ref_logprobs
+    out = {}
+    if policy_pass:
+      stats = completion_stats(graphdef, parts["policy"], batch, impl=impl, temperature=temperature,
+                               ref_params=parts.get("ref"))
+      out.update(old_logprobs=stats.logprobs, entropy=stats.entropy)
+      if "ref" in parts:
+        out["ref_logprobs"] = stats.ref_logprobs
+    elif "ref" in parts:
+      out["ref_logprobs"] = completion_stats(graphdef, parts["ref"], batch, impl=impl,
+                                             temperature=temperature).logprobs
     if "value" in parts:
       out["values"] = completion_values(value_graphdef, parts["value"], batch)
     return jax.lax.stop_gradient(out)
@@ -78,7 +88,8 @@ def make_loss_fn(graphdef, value_graphdef, rl, *, impl: str):
   TIS weight when present, plus the batch's `kl_coef` x the `rl.kl_estimator` KL to the reference when
   the KL is a loss term (`rl.kl_in == 'loss'`), minus `rl.entropy_coef` x the entropy; reduced by
   `rl.aggregation`. With a value part, `rl.vf_coef` x its clipped value loss, reduced the same way.
-  Metric sums are reduced the same way too, so metric / count is each one's mean in that weighting."""
+  Metric sums are reduced the same way too, so metric / count is each one's mean in that weighting (the
+  mismatch and TIS figures of an on-policy batch included: token means under `token_mean`)."""
   kl_in_loss = rl.kl_in == "loss" and rl.kl_coef > 0
 
   def reduce(per_token, mask):
@@ -88,12 +99,22 @@ def make_loss_fn(graphdef, value_graphdef, rl, *, impl: str):
     del rng
     mask = batch["mask"]
     stats = completion_stats(graphdef, parts["policy"], batch, impl=impl, temperature=rl.temperature)
-    per_token, m = ppo.clipped_policy_loss(stats.logprobs, batch["old_logprobs"], batch["advantages"], mask,
+    aux_tokens = {}
+    if "old_logprobs" in batch:
+      old = batch["old_logprobs"]
+    else:  # one update a rollout: the log-probs before it are these; the sampler's are compared with them here
+      old = jax.lax.stop_gradient(stats.logprobs)
+      gap = jnp.where(mask > 0, batch["sampler_logprobs"] - old, 0.0)
+      aux_tokens.update({"rollout/logprob_mismatch": jnp.abs(gap), "rollout/mismatch_kl": jnp.expm1(-gap) + gap})
+      if rl.tis_cap:
+        tis = ppo.tis_weights(old, batch["sampler_logprobs"], mask, cap=rl.tis_cap)
+        aux_tokens.update({"rollout/tis_weight": tis, "rollout/tis_capped": (tis >= rl.tis_cap).astype(jnp.float32)})
+    per_token, m = ppo.clipped_policy_loss(stats.logprobs, old, batch["advantages"], mask,
                                            clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high or None,
                                            ratio_level=rl.ratio_level)
-    if "tis" in batch:
-      per_token = per_token * batch["tis"]
-    aux_tokens = {"policy/clip_frac": m["clipped"], "policy/ratio": m["ratio"], "policy/entropy": stats.entropy}
+    if rl.tis_cap:
+      per_token = per_token * (batch["tis"] if "tis" in batch else aux_tokens["rollout/tis_weight"])
+    aux_tokens.update({"policy/clip_frac": m["clipped"], "policy/ratio": m["ratio"], "policy/entropy": stats.entropy})
     if kl_in_loss:
       kl = ppo.kl_penalty(stats.logprobs, batch["ref_logprobs"], rl.kl_estimator)
       per_token = per_token + batch["kl_coef"][:, None] * kl

@@ -176,3 +176,26 @@ def test_ppo_token_rewards_and_gae_whitening():
 def test_value_part_from_the_policy_has_a_fresh_head():
   model = setup_model(grpo.get_config("tiny").model, 0, reward_head=True)
   assert set(model.spec.abstract_params) == {"backbone", "head"}
+
+
+def test_one_update_a_rollout_takes_its_ratio_base_from_the_loss_itself(setting):
+  """Without old_logprobs the loss detaches its own log-probs as the ratio's base: the loss and gradient of
+  a batch holding the trainer's exact log-probs as old_logprobs, and the sampler's mismatch measured."""
+  r, model, config = setting["r"], setting["model"], setting["config"]
+  rl = config.rl
+  rl.update(aggregation="token_mean", ratio_level="token", clip_eps=0.2, clip_eps_high=0.0, kl_in="loss",
+            kl_coef=0.0, entropy_coef=0.0, max_new_tokens=NEW, tis_cap=0.0)
+  batch = rollout.training_batch(r, G)
+  batch["advantages"] = (np.random.default_rng(1).normal(0, 1, (len(r.mask), 1)) * r.mask).astype(np.float32)
+  score = jax.jit(objective.make_score_fn(nnx.graphdef(model), None, impl="naive"))
+  trainer = np.asarray(score({"policy": setting["params"]}, batch)["old_logprobs"])
+  loss_fn = jax.jit(jax.value_and_grad(objective.make_loss_fn(nnx.graphdef(model), None, rl, impl="naive"),
+                                       has_aux=True))
+  (on_sum, (count, aux)), on_grad = loss_fn({"policy": setting["params"]}, dict(batch, sampler_logprobs=r.sampler_logprobs), None)
+  (off_sum, _), off_grad = loss_fn({"policy": setting["params"]}, dict(batch, old_logprobs=trainer), None)
+  assert float(on_sum) == pytest.approx(float(off_sum), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(on_grad), jax.tree.leaves(off_grad)):  # two programs: float32 reordering
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+  valid = r.mask > 0
+  want = np.abs(r.sampler_logprobs - trainer)[valid].mean()
+  assert float(aux["rollout/logprob_mismatch"] / count) == pytest.approx(want, rel=1e-3, abs=1e-9)
