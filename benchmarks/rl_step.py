@@ -87,7 +87,6 @@ def ours_side(args, prompts, reward, turn=lambda: None) -> dict:
     config.rl.update(prompts=path, rewards="short_words", prompts_per_step=args.prompts, group_size=args.group,
                      max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE, top_p=TOP_P, kl_coef=BETA)
     config.optim.lr = LEARNING_RATE
-    config.model.remat = "none"  # TRL runs without gradient checkpointing
     config.train.steps = 1 + args.iters * args.rounds
     mesh = make_mesh({"data": -1})
     learner = Learner(config, mesh)

@@ -171,6 +171,9 @@ def rl_config(algorithm: str, loss: str):
       max_prompt_tokens=256,
       long_prompts="truncate",   # a longer prompt: truncate (keep its end) | drop
       max_new_tokens=64,
+      share_prompts=True,        # a group's prompt once in the training rows, its completions packed after it
+                                 # (when the update takes the batch whole: minibatches 1, grad_accum_steps 1)
+      pack_len=1024,             # tokens a row of shared prompts and completions holds (at least one group)
       temperature=1.0,
       top_p=1.0,
       top_k=0,

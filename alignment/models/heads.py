@@ -36,5 +36,5 @@ class RewardModel(nnx.Module):
     self.backbone = Transformer(cfg, rngs=rngs)
     self.head = ScalarHead(cfg.d_model, rngs=rngs, param_dtype=cfg.param_dtype)
 
-  def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-    return self.head(self.backbone(tokens, positions, segment_ids))
+  def __call__(self, tokens, positions=None, segment_ids=None, *, prefix_ids=None) -> jax.Array:
+    return self.head(self.backbone(tokens, positions, segment_ids, prefix_ids=prefix_ids))

@@ -74,7 +74,7 @@ def check_rl_config(config, mesh) -> None:
 
 def make_update(loss_fn, optimizers, *, epochs: int, minibatches: int, grad_accum_steps: int):
   """`update(state, batch) -> (state, metrics)`: `epochs` passes, each over `minibatches` minibatches of a
-  fresh shuffle of the batch's rows, one optimizer step per minibatch (a scan: compiled once). The
+  fresh shuffle of the batch's rows (one minibatch: the batch as it is), one optimizer step per minibatch (a scan: compiled once). The
   state's `step` counts iterations; each optimizer schedule counts its own steps (epochs x minibatches
   an iteration). Metrics are the minibatch steps' means (`train/skipped_steps`: the run's total)."""
   inner = make_train_step(loss_fn, optimizers, grad_accum_steps, "num_tokens")
@@ -86,7 +86,7 @@ def make_update(loss_fn, optimizers, *, epochs: int, minibatches: int, grad_accu
     state = dict(state, step=iteration * per_iteration, rng=rng)
     passes = []
     for key in jax.random.split(shuffle_rng, epochs):
-      rows = jax.random.permutation(key, batch["mask"].shape[0]) if per_iteration > 1 else None
+      rows = jax.random.permutation(key, batch["mask"].shape[0]) if minibatches > 1 else None
       shuffled = batch if rows is None else jax.tree.map(lambda x: x[rows], batch)
       passes.append(split_micro_batches(shuffled, minibatches) if minibatches > 1
                     else jax.tree.map(lambda x: x[None], shuffled))
@@ -263,6 +263,9 @@ class Learner:
                                       minibatches=rl.minibatches, grad_accum_steps=config.optim.grad_accum_steps),
                           in_shardings=(shardings, None), out_shardings=(shardings, replicated(mesh)),
                           donate_argnums=0)
+    # Prefix-shared rows need the batch whole in each optimizer step (the rows and the completions index
+    # each other); otherwise a row per completion.
+    self.share_prompts = rl.share_prompts and rl.minibatches == 1 and config.optim.grad_accum_steps == 1
     self.stream = prompts_lib.PromptStream(len(self.prompts.ids), config.seed)
     self.kl_coef = rl.kl_coef
     self.collector = _Collector(config, rl, self.prompts, self.stream, rewards, self.tokenizer, sampler_fn, mesh)
@@ -280,7 +283,11 @@ class Learner:
     rl, times = self.rl, {"generate": 0.0, "reward": 0.0}
     r, scores, info = self.collector.collect(state["policy"], step, times)
     start = time.perf_counter()
-    batch = rollout.training_batch(r, rl.group_size)
+    if self.share_prompts:
+      batch = rollout.shared_batch(r, rl.group_size, pack_len=rl.pack_len,
+                                   rows_multiple=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+    else:
+      batch = rollout.training_batch(r, rl.group_size)
     scored = jax.device_get(self.score_fn(state_lib.parts_of(state), shard_batch(batch, self.mesh)))
     scored = {k: np.asarray(v) for k, v in scored.items()}
     score_s = time.perf_counter() - start
@@ -297,6 +304,7 @@ class Learner:
     record["rollout/response_len"] = float(r.lengths.mean())
     record["rollout/eos_rate"] = float(r.finished.mean())
     record["rollout/tokens"] = int(r.mask.sum())
+    record["train/row_tokens"] = int(np.count_nonzero(batch["segment_ids"]))  # what the model reads a pass
     record["rollout/tokens_per_s"] = float(r.mask.sum() / max(times["generate"], 1e-9))
     record.update({"time/generate_s": times["generate"], "time/reward_s": times["reward"], "time/score_s": score_s,
                    "time/train_s": train_s})

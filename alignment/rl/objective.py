@@ -1,10 +1,20 @@
 """What an online-RL update computes from a batch of scored rollouts: the policy's (and the value
 model's) loss, and the no-gradient pass that scores the rollouts before it.
 
-A batch holds N rows, row i = its prompt (left-padded to width P) followed by its completion (L tokens,
-right-padded), in the layout the sampler produced:
+A batch holds the rows the model reads and, per completion (N of them, L tokens, right-padded), what the
+loss reads. The rows are either one per completion, its prompt (left-padded to width P) followed by it,
+the layout the sampler produced:
 
   inputs, positions, segment_ids  [N, P + L - 1]  the model's input (the last completion token is never one)
+
+or prefix-shared (`alignment.rl.prefix`: a group's prompt once, then its completions, each seeing the
+prompt and itself; groups packed into R rows of T tokens), with the way back to the completions:
+
+  inputs, positions, segment_ids, prefix_ids  [R, T]
+  row [N], cols [N, L]                        completion i's token t is predicted at cell (row[i], cols[i, t])
+
+and per completion:
+
   completion, mask                [N, L]          the sampled tokens and 1 on those that carry loss
   old_logprobs                    [N, L]          the trainer's log-probs before the update (the ratio's base); or,
   sampler_logprobs                [N, L]          with one update a rollout, the sampler's (the loss detaches its own
@@ -15,8 +25,8 @@ right-padded), in the layout the sampler produced:
   tis                             [N, L]          truncated importance weights, when `config.rl.tis_cap`
   old_values, returns             [N, L]          PPO: the value model's estimates before the update, and targets
 
-Per-token quantities are read at the completion's positions only: column P - 1 + t of the input
-predicts completion token t, so the unembedding runs over N x L cells, never the prompt's.
+Per-token quantities are read at the completion's cells only (column P - 1 + t of a row of the first layout
+predicts completion token t), so the unembedding runs over N x L cells, never the prompt's.
 """
 
 import jax
@@ -27,9 +37,17 @@ from alignment.kernels import token_logprobs
 from alignment.losses import ppo
 
 
-def _completion_slice(x, batch):
-  """x [N, P + L - 1, ...] -> the L columns whose outputs predict the completion tokens."""
-  length = batch["completion"].shape[1]
+def _model_inputs(batch):
+  """The model's arguments for the batch's rows (prefix-shared rows carry `prefix_ids`)."""
+  extra = {"prefix_ids": batch["prefix_ids"]} if "prefix_ids" in batch else {}
+  return (batch["inputs"], batch["positions"], batch["segment_ids"]), extra
+
+
+def _at_completions(x, batch):
+  """x [rows, T, ...] -> [N, L, ...]: the cells whose outputs predict each completion token, in order."""
+  if "cols" in batch:  # prefix-shared rows: completion i's cells are (row[i], cols[i, :])
+    return x[batch["row"][:, None], batch["cols"]]
+  length = batch["completion"].shape[1]  # prompt + completion rows: the last L columns
   return x[:, x.shape[1] - length:]
 
 
@@ -37,13 +55,13 @@ def completion_stats(graphdef, params, batch, *, impl: str, temperature: float =
   """LogprobStats of the completion tokens, each field [N, L] (with the reference's when given), under
   softmax(logits / temperature): the distribution the sampler drew from before any top-k / top-p."""
   model = nnx.merge(graphdef, params)
-  inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
-  hidden = _completion_slice(model(*inputs), batch)
+  inputs, extra = _model_inputs(batch)
+  hidden = _at_completions(model(*inputs, **extra), batch)
   n, length, d = hidden.shape
   ref = {}
   if ref_params is not None:
     ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
-    ref = dict(ref_hidden=_completion_slice(ref_model(*inputs), batch).reshape(n * length, d),
+    ref = dict(ref_hidden=_at_completions(ref_model(*inputs, **extra), batch).reshape(n * length, d),
                ref_unembed=ref_model.unembed_matrix())
   stats = token_logprobs(hidden.reshape(n * length, d), model.unembed_matrix(), batch["completion"].reshape(-1),
                          impl=impl, temperature=temperature, **ref)
@@ -52,8 +70,8 @@ def completion_stats(graphdef, params, batch, *, impl: str, temperature: float =
 
 def completion_values(value_graphdef, value_params, batch):
   """The value model's V(s_t) [N, L]: its score at the position before each completion token."""
-  model = nnx.merge(value_graphdef, value_params)
-  return _completion_slice(model(batch["inputs"], batch["positions"], batch["segment_ids"]), batch)
+  inputs, extra = _model_inputs(batch)
+  return _at_completions(nnx.merge(value_graphdef, value_params)(*inputs, **extra), batch)
 
 
 def make_score_fn(graphdef, value_graphdef, *, impl: str, temperature: float = 1.0, policy_pass: bool = True):

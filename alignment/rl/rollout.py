@@ -1,5 +1,5 @@
 """Rollouts: G completions per prompt from the KV-cache sampler on the live params, the training batch
-they make, and the advantages of both kinds (critic-free from sequence rewards, GAE from token rewards).
+they make (a row per completion, or each group's prompt once: `shared_batch`), and the advantages of both kinds (critic-free from sequence rewards, GAE from token rewards).
 
 Prompt widths are bucketed (left-padded to a multiple of 32), so the sampler compiles once per bucket;
 completions are trimmed to a multiple of 16 columns past the longest, so the update compiles once per
@@ -15,6 +15,7 @@ import numpy as np
 from alignment.losses import grpo, ppo
 from alignment.models import sampler as sampler_lib
 from alignment.parallel import shard_batch
+from alignment.rl import prefix
 
 PROMPT_BUCKET = 32
 COMPLETION_BUCKET = 16
@@ -84,6 +85,25 @@ def training_batch(r: Rollouts, group_size: int) -> dict:
   return {"inputs": sequence.astype(np.int32), "positions": np.maximum(column - pad, 0).astype(np.int32),
           "segment_ids": real.astype(np.int32), "completion": r.tokens.astype(np.int32),
           "mask": r.mask.astype(np.int32)}
+
+
+def shared_batch(r: Rollouts, group_size: int, *, pack_len: int, rows_multiple: int) -> dict:
+  """The model inputs with each group's prompt once (`alignment.rl.prefix`), groups packed first-fit into
+  rows of `pack_len` tokens (or the biggest group, rounded up to 128, if that is more); the row count is
+  rounded up to a multiple of 2 x `rows_multiple`, so the update compiles for few shapes. numpy."""
+  width = r.prompt_tokens.shape[1]
+  prompts = [r.prompt_tokens[b, width - n:] for b, n in enumerate(r.prompt_lengths)]
+  lengths = r.lengths
+  completions = [r.tokens[i, :n] for i, n in enumerate(lengths)]
+  biggest = max(len(p) - 1 + sum(1 + int(n) for n in lengths[b * group_size:(b + 1) * group_size])
+                for b, p in enumerate(prompts))
+  layout = prefix.build_rows(prompts, completions, group_size, max(pack_len, -(-biggest // 128) * 128), share=True,
+                             rows_multiple=2 * rows_multiple)
+  cols = np.zeros(r.tokens.shape, np.int32)
+  cols[:, :layout.cols.shape[1]] = layout.cols
+  return {"inputs": layout.inputs, "positions": layout.positions, "segment_ids": layout.segment_ids,
+          "prefix_ids": layout.prefix_ids, "row": layout.row, "cols": cols,
+          "completion": r.tokens.astype(np.int32), "mask": r.mask.astype(np.int32)}
 
 
 def sequence_advantages(rewards, group_size: int, kind: str) -> np.ndarray:
