@@ -49,7 +49,7 @@ def _apply_preset(c, preset):
     c.train.steps = 20
     c.train.eval_at_start = True
     c.evals.every = c.train.steps
-    c.evals.max_new_tokens, c.evals.batch_size, c.evals.kl_probes = 48, 33, 0
+    c.evals.max_new_tokens, c.evals.batch_size, c.evals.kl_probes = 48, 33, 16
 
 
 def get_sweep(arg=None):

@@ -45,7 +45,7 @@ CONSOLE_EVERY_S = 30.0  # without a terminal: a progress line at least this ofte
 NEUTRAL_KEYS = ("mesh.", "sharding.", "kernel.", "model.remat", "model.scan_layers", "optim.grad_accum_steps",
                 "train.log_every", "train.eval_every", "train.eval_at_start", "train.eval_batches",
                 "train.ckpt_every", "train.ckpt_every_s", "train.max_to_keep", "train.nan_policy", "evals.",
-                "data.data_dir", "dpo.ref_cache_dir", "dpo.logit_capacity")
+                "data.data_dir", "dpo.ref_cache_dir", "dpo.logit_capacity", "rl.share_prompts", "rl.pack_len")
 
 
 # --- a workdir's earlier run ---------------------------------------------------------------------------
