@@ -95,9 +95,18 @@ def process_logits(logits: jax.Array, s: SamplingConfig) -> jax.Array:
 
 
 def _choose(logprobs: jax.Array, s: SamplingConfig, rng) -> jax.Array:
+  """A token per row: the argmax, or a draw by inverse CDF: one uniform a row against the running sum of
+  the probabilities (a Gumbel draw, `jax.random.categorical`, needs a random number per vocabulary entry:
+  ~5x the time on a CPU at V = 49152, 32 rows). Token j is drawn when cdf[j-1] <= u < cdf[j], so a token
+  of probability 0 never is."""
   if s.greedy:
     return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logprobs, axis=-1).astype(jnp.int32)
+  probs = jnp.exp(logprobs)
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(rng, (probs.shape[0], 1), jnp.float32) * cdf[:, -1:]
+  drawn = jnp.sum(cdf <= u, axis=-1)
+  last = probs.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)  # (u rounding up to the total)
+  return jnp.minimum(drawn, last).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------
