@@ -45,7 +45,7 @@ def _apply_preset(c, preset):
   if preset == "gym":
     c.rl.prompts_per_step, c.rl.group_size, c.rl.max_new_tokens = 4, 4, 48
     c.model.frozen_layers, c.model.frozen_embeddings = 20, True
-    c.optim.lr = 1e-5
+    c.optim.lr = 1e-4
     c.train.steps = 20
     c.train.eval_at_start = True
     c.evals.every = c.train.steps

@@ -149,3 +149,38 @@ def test_shared_prompt_rows_train_as_a_row_per_completion_does(tmp_path):
     for key in ("grad_norm", "policy/entropy", "rollout/logprob_mismatch"):
       assert shared[key] == pytest.approx(unshared[key], rel=1e-4, abs=1e-6), key
     assert shared["train/row_tokens"] < 0.8 * unshared["train/row_tokens"]
+
+
+def test_ppo_with_a_trained_reward_model_as_reward_and_value(tmp_path):
+  """The reward model configs/rm.py trains scores the completions (normalised by its saved mean and std) and
+  is where PPO's value model starts."""
+  import jax
+  from alignment import checkpoint
+  from alignment.parallel import make_mesh
+  from alignment.rl import rewards as rewards_lib
+  from alignment.rl.loop import Learner
+  from alignment.train import state as state_lib
+  from alignment.train.rm import RewardScorer
+  from configs import rm
+  rm_config = rm.get_config("tiny,steps=4")
+  rm_config.data.data_dir = str(tmp_path / "tfds")
+  main.run(rm_config, str(tmp_path / "rm"))
+  config = _config("ppo", rewards="reward_model", reward_model=str(tmp_path / "rm"), value_init="reward_model")
+  config.train.steps = 2
+
+  mesh = make_mesh({"data": -1})
+  learner = Learner(config, mesh)
+  state = state_lib.create_train_state(learner.parts, learner.shardings, 0)
+  saved, _ = checkpoint.restore_entry(tmp_path / "rm" / "checkpoints", "reward")
+  for got, want in zip(jax.tree.leaves(jax.device_get(state["value"])), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(got, want)
+  scorer = RewardScorer(tmp_path / "rm")
+  records = [{"prompt": "What is 2+2?"}, {"prompt": "Name a colour."}]
+  texts = ["Four.", "Blue, or maybe green."]
+  got = rewards_lib.score(rewards_lib.make_rewards(config, mesh), records, texts)["reward_model"]
+  want = (scorer.score([r["prompt"] for r in records], texts) - scorer.stats["reward/mean"]) / scorer.stats["reward/std"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  summary, records = _run(config, tmp_path / "ppo")
+  assert sorted(records) == [1, 2] and summary["steps"] == 2
+  assert all(np.isfinite(records[s]["value/explained_variance"]) for s in records)
