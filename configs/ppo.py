@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.rl.value_init = "reward_model"
     c.rl.prompts_per_step, c.rl.group_size, c.rl.max_new_tokens = 4, 2, 48
     c.model.frozen_layers, c.model.frozen_embeddings = 20, True
-    c.optim.lr, c.rl.value_lr = 1e-5, 1e-5
+    c.optim.lr, c.rl.value_lr = 3e-5, 1e-4
     c.train.steps = 20
     c.train.ckpt_every_s = 600.0
   if a.steps:

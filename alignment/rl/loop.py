@@ -13,23 +13,26 @@ The sampling key of step s is fold_in(seed, s) and the prompt stream's position 
 coefficient are saved with each checkpoint, so a resumed run continues the uninterrupted one.
 """
 
+import json
 import time
 import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from alignment import choices
+from alignment import checkpoint, choices
+from alignment import workdir as workdir_lib
 from alignment.losses import grpo as grpo_losses
 from alignment.losses import ppo as ppo_losses
 from alignment.models import sampler as sampler_lib
 from alignment.models.tokenizer import Tokenizer
-from alignment.parallel import batch_sharding, make_mesh, replicated, shard_batch
+from alignment.parallel import make_mesh, replicated, shard_batch
 from alignment.rl import objective, presets, prompts as prompts_lib, rewards as rewards_lib, rollout
 from alignment.train import gym_eval, registry
 from alignment.train import state as state_lib
-from alignment.train.loop import _check_finite
+from alignment.train.loop import check_finite, finish
 from alignment.train.model import check_model_source, setup_model
 from alignment.train.optim import make_optimizer
 from alignment.train.run import Run, check_workdir
@@ -101,10 +104,6 @@ def make_update(loss_fn, optimizers, *, epochs: int, minibatches: int, grad_accu
 def _value_part(config, rl, policy, total_steps: int):
   """PPO's value model: the reward model's weights (`rl.value_init='reward_model'`) or the policy's with a
   fresh scalar head, trained by its own optimizer (`rl.value_lr`, else `optim.lr`)."""
-  from alignment import checkpoint
-  from alignment import workdir as workdir_lib
-  import json
-  import ml_collections
   optim = ml_collections.ConfigDict(config.optim.to_dict())
   optim.lr = rl.value_lr or config.optim.lr
   optimizer = make_optimizer(optim, total_steps)
@@ -349,27 +348,19 @@ def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
         record = {}
         if run.should_log(step) or save:
           record = run.step_metrics(step, step_metrics)
-          skipped = _check_finite(config, run, state, step, record, skipped)
+          skipped = check_finite(config, run, state, step, record, skipped)
           record.update(host_metrics)
           summary.setdefault("first_reward", record["reward/mean"])
           summary["final_reward"] = record["reward/mean"]
           summary["final_kl"] = record.get("kl/ref", 0.0)
         if gym is not None:
-          gym.observe(record)
-          if step % config.evals.every == 0 or last:
-            with run.timed("gym_eval", record):
-              record.update(gym.run(step, state_lib.parts_of(state)))
-            summary.update({k: v for k, v in record.items() if k.startswith(("gym/", "monitor/"))})
+          gym.at_step(run, step, last, lambda: state_lib.parts_of(state), record, summary)
         run.log(step, record)
         if save:
           run.save(step, state, learner.position())
         if stop and not last:
           run.exit_stopped(step)
-    summary["steps"] = config.train.steps
-    summary["skipped_steps"] = skipped
-    if gym is not None:
-      summary["gym_reports"] = [str(p) for p in gym_eval.reports(run.workdir)]
-    run.finish(summary)
+    finish(run, config, summary, skipped, gym)
   finally:
     run.close()
   return summary

@@ -26,7 +26,7 @@ class GymEvaluator:
       raise ValueError(f"config.evals.every={e.every}: algorithm {config.algorithm!r} trains no generating model")
     self.probes = harness.sample_probes(harness.load_probes(e.suite, e.probes), e.limit)
     self.settings = harness.EvalSettings(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-    self.kl_probes = e.kl_probes
+    self.kl_probes, self.every = e.kl_probes, e.every
     self.cfg, self.tokenizer, self.reward_metric = task.model_cfg, task.tokenizer, task.reward_metric
     self.workdir = workdir_lib.resolve(workdir)
     self.first, self.previous = self._saved_metrics()
@@ -43,6 +43,15 @@ class GymEvaluator:
     """Takes one step's logged metrics (the training reward, for the monitors)."""
     if self.reward_metric and self.reward_metric in record:
       self.window.append(record[self.reward_metric])
+
+  def at_step(self, run, step: int, last: bool, parts, record: dict, summary: dict) -> None:
+    """A training loop's turn: observes the step's record, and on an eval step (every `every` steps and the
+    last) evaluates `parts()`, timed by `run`, into the record and the summary."""
+    self.observe(record)
+    if step % self.every == 0 or last:
+      with run.timed("gym_eval", record):
+        record.update(self.run(step, parts()))
+      summary.update({k: v for k, v in record.items() if k.startswith(("gym/", "monitor/"))})
 
   def run(self, step: int, parts: dict) -> dict:
     """Evaluates `parts['policy']` (with the KL to `parts['ref']` when there is one); writes the report;

@@ -55,7 +55,7 @@ def evaluate(eval_step, eval_data, mesh, max_batches: int) -> dict:
   return {f"eval/{k}": float(v) / denom for k, v in sums.items()}
 
 
-def _check_finite(config, run: Run, state, step: int, record: dict, seen: int) -> int:
+def check_finite(config, run: Run, state, step: int, record: dict, seen: int) -> int:
   """Reports updates skipped for a non-finite loss or gradient norm since the last logged step (the step
   itself left params and optimizer state alone); with nan_policy 'halt', logs this step and stops the run,
   naming the first such step. Returns the number skipped so far."""
@@ -131,7 +131,7 @@ def train(config, workdir: str, build_task, accept_config_changes: bool = False)
         record = {}
         if run.should_log(step) or save:  # a save follows a logged step, whose checks it relies on
           record = run.step_metrics(step, step_metrics)
-          skipped = _check_finite(config, run, state, step, record, skipped)
+          skipped = check_finite(config, run, state, step, record, skipped)
           summary.setdefault("first_loss", record["loss"])
           summary["final_loss"] = record["loss"]
         if task.eval_data is not None and config.train.eval_every and (
@@ -140,11 +140,7 @@ def train(config, workdir: str, build_task, accept_config_changes: bool = False)
             record.update(run_eval())
           summary.update({k: v for k, v in record.items() if k.startswith("eval/")})
         if gym is not None:
-          gym.observe(record)
-          if step % config.evals.every == 0 or last:
-            with run.timed("gym_eval", record):
-              record.update(gym.run(step, parts()))
-            summary.update({k: v for k, v in record.items() if k.startswith(("gym/", "monitor/"))})
+          gym.at_step(run, step, last, parts, record, summary)
         save_meta = None
         if save:
           save_meta = {"data": task.train_data.get_state()}
@@ -157,11 +153,16 @@ def train(config, workdir: str, build_task, accept_config_changes: bool = False)
           run.save(step, state, save_meta)
         if stop and not last:
           run.exit_stopped(step)
-    summary["steps"] = config.train.steps
-    summary["skipped_steps"] = skipped
-    if gym is not None:
-      summary["gym_reports"] = [str(p) for p in gym_eval.reports(run.workdir)]
-    run.finish(summary)
+    finish(run, config, summary, skipped, gym)
   finally:
     run.close()
   return summary
+
+
+def finish(run: Run, config, summary: dict, skipped: int, gym) -> None:
+  """Completes a finished run's summary (steps, skipped updates, gym reports) and saves it."""
+  summary["steps"] = config.train.steps
+  summary["skipped_steps"] = skipped
+  if gym is not None:
+    summary["gym_reports"] = [str(p) for p in gym_eval.reports(run.workdir)]
+  run.finish(summary)

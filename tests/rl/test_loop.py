@@ -2,7 +2,6 @@
 reference bounded; a resumed run continues the uninterrupted one; dynamic sampling fills the batch with
 groups whose rewards differ; the sampler / trainer mismatch is measured; bad configs stop first."""
 
-import json
 import os
 
 import numpy as np
