@@ -26,6 +26,7 @@ setup(
         "absl-py>=2.1",
         "etils[epath]>=1.7",  # every workdir path, so gs://... stays a URI
         "gcsfs>=2024.2",      # what etils.epath reads and writes gs:// with (orbax's arrays go through TensorStore)
+        "math-verify>=0.7",   # the `math` reward: final answers compared as expressions (alignment.rl.rewards)
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0",
