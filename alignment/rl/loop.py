@@ -160,15 +160,15 @@ class _Collector:
       groups = groups[:rl.prompts_per_step - taken]
       taken += len(groups)
       if len(groups):
-        rows = (groups[:, None] * rl.group_size + np.arange(rl.group_size)).reshape(-1)
         parts.append(rollout.select_groups(r, groups, rl.group_size))
+        rows = rollout.group_rows(groups, rl.group_size)
         part_scores.append({k: v[rows] for k, v in scores.items()})
     scores = {k: np.concatenate([s[k] for s in part_scores]) for k in part_scores[0]}
     return rollout.concat(parts), scores, {"rollout/draws": draws,
                                            "rollout/informative_groups": min(informative, rl.prompts_per_step)}
 
 
-def _advantages(config, rl, r: rollout.Rollouts, scores, scored, kl_coef: float) -> tuple:
+def _advantages(rl, r: rollout.Rollouts, scores, scored, kl_coef: float) -> tuple:
   """(batch additions, metrics): the advantages (and PPO's returns), the KL to the reference and the
   mismatch between the sampler's and the trainer's log-probs."""
   mask = r.mask
@@ -290,7 +290,7 @@ class Learner:
     scored = jax.device_get(self.score_fn(state_lib.parts_of(state), shard_batch(batch, self.mesh)))
     scored = {k: np.asarray(v) for k, v in scored.items()}
     score_s = time.perf_counter() - start
-    add, record = _advantages(self.config, rl, r, scores, scored, self.kl_coef)
+    add, record = _advantages(rl, r, scores, scored, self.kl_coef)
     start = time.perf_counter()
     batch.update(add)
     state, step_metrics = self.update(state, shard_batch(batch, self.mesh))

@@ -66,9 +66,14 @@ def concat(parts) -> Rollouts:
                   np.concatenate([p.finished for p in parts]), sum((p.texts for p in parts), []))
 
 
+def group_rows(groups: np.ndarray, group_size: int) -> np.ndarray:
+  """The completion rows of the given prompt groups, in that order (group b holds rows b*G .. b*G+G-1)."""
+  return (np.asarray(groups)[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
+
+
 def select_groups(r: Rollouts, groups: np.ndarray, group_size: int) -> Rollouts:
   """The rollouts of the given prompt groups, in that order."""
-  rows = (groups[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
+  rows = group_rows(groups, group_size)
   return Rollouts(r.prompt_index[groups], r.prompt_tokens[groups], r.prompt_lengths[groups], r.tokens[rows],
                   r.mask[rows], r.sampler_logprobs[rows], r.finished[rows], [r.texts[i] for i in rows])
 
