@@ -27,6 +27,7 @@ setup(
         "etils[epath]>=1.7",  # every workdir path, so gs://... stays a URI
         "gcsfs>=2024.2",      # what etils.epath reads and writes gs:// with (orbax's arrays go through TensorStore)
         "math-verify>=0.7",   # the `math` reward: final answers compared as expressions (alignment.rl.rewards)
+        "datasketch>=1.6",    # MinHash LSH for near-duplicate removal (alignment.data.filters)
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0",

@@ -23,6 +23,7 @@ KL_PLACES = ("loss", "reward")
 RATIO_LEVELS = ("token", "sequence")
 LONG_PROMPTS = ("truncate", "drop")
 VALUE_INITS = ("policy", "reward_model")
+DATA_FILTERS = ("quality", "exact_dedup", "near_dedup")
 
 # dotted config key -> the values it may take (a key the config does not have is not checked)
 CONFIG_CHOICES = {
@@ -49,13 +50,27 @@ CONFIG_CHOICES = {
 }
 
 
+# dotted config key -> the values each item of its comma list may take
+CONFIG_LIST_CHOICES = {"data.filters.apply": DATA_FILTERS}
+
+
 def check_config(config) -> None:
-  """Raises ValueError naming the first key whose value is not one of its choices."""
+  """Raises ValueError naming the first key whose value (or list item) is not one of its choices."""
   for key, allowed in CONFIG_CHOICES.items():
-    node = config
-    for part in key.split("."):
-      node = node.get(part) if hasattr(node, "get") else None
-      if node is None:
-        break
-    if node is not None and node not in allowed:
-      raise ValueError(f"config.{key}={node!r}; expected one of {', '.join(repr(a) for a in allowed)}")
+    value = _get(config, key)
+    if value is not None and value not in allowed:
+      raise ValueError(f"config.{key}={value!r}; expected one of {', '.join(repr(a) for a in allowed)}")
+  for key, allowed in CONFIG_LIST_CHOICES.items():
+    value = _get(config, key)
+    for item in (i.strip() for i in (value or "").split(",")):
+      if item and item not in allowed:
+        raise ValueError(f"config.{key}: unknown item {item!r}; expected items of {', '.join(allowed)}")
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split("."):
+    node = node.get(part) if hasattr(node, "get") else None
+    if node is None:
+      return None
+  return node

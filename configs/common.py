@@ -5,9 +5,12 @@ A config file is `configs/<algorithm>.py` with `get_config(arg)`, where `arg` is
 overridden on the command line: `--config.optim.lr=1e-4`.
 """
 
+import dataclasses
 import os
 
 import ml_collections
+
+from alignment.data import filters
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -135,6 +138,12 @@ def base_config():
   return c
 
 
+def data_filters():
+  """`config.data.filters`: the filters to apply when the data is prepared (`apply`, a comma list of
+  quality | exact_dedup | near_dedup, run in that order) and their thresholds (alignment.data.filters)."""
+  return ml_collections.ConfigDict(dict(dataclasses.asdict(filters.DEFAULTS), apply=""))
+
+
 def preference_data(train_file: str):
   """The data block of the preference algorithms (rm, dpo): local JSONL in HH-RLHF, UltraFeedback or
   generic {prompt, chosen, rejected[, margin]} format."""
@@ -151,6 +160,7 @@ def preference_data(train_file: str):
       max_length=0,           # per sequence; 0: seq_len // 2 (a pair always fits one row)
       truncation="truncate",  # a completion too long for max_length: truncate (prompt kept) | drop
       seed=0,
+      filters=data_filters(),
   ))
 
 

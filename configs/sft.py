@@ -24,6 +24,7 @@ def get_config(arg=None):
       seq_len=128,
       pack=True,
       seed=0,
+      filters=common.data_filters(),
   )
   if a.preset == "tiny":
     common.apply_preset(c, a.preset, lr=3e-3, steps=100, eval_every=50)

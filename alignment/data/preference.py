@@ -58,6 +58,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from alignment.choices import PREFERENCE_FORMATS
+from alignment.data import filters as filters_lib
 from alignment.data.chat import ROLES
 from alignment.data.sft import (LocalJsonlBuilder, _text, fingerprint, held_out_split, prepare_builder, read_jsonl,
                                 resolve_inputs)
@@ -292,7 +293,8 @@ def prepare_preferences(train_path: str | pathlib.Path,
                         data_dir: str | pathlib.Path,
                         eval_fraction: float = 0.0,
                         format: str = "auto",
-                        on_invalid: str = "error") -> dict:
+                        on_invalid: str = "error",
+                        filters: filters_lib.Options = filters_lib.DEFAULTS) -> dict:
   """Prepares (once per input fingerprint) and returns `{split: data source}`.
 
     Splits: 'train' from `train_path`; 'eval' from `eval_path`, or else, when `eval_fraction > 0`, the
@@ -300,7 +302,8 @@ def prepare_preferences(train_path: str | pathlib.Path,
     first; see `sft.held_out_split`). `format` ('auto' | 'hh' | 'ultrafeedback' | 'jsonl') applies to
     every file ('auto': detected per file). Records come back with bytes text fields;
     `record_to_pair` decodes them. Everything is validated before anything is written (see the module
-    docstring for `on_invalid`).
+    docstring for `on_invalid`). `filters` run before the held-out split: the quality heuristics read the
+    prompt and the chosen answer (a rejected answer may be junk on purpose), the dedups the whole pair.
     """
   if format != "auto" and format not in FORMATS:
     raise ValueError(f"format must be 'auto' or one of {list(FORMATS)}, got {format!r}")
@@ -311,7 +314,7 @@ def prepare_preferences(train_path: str | pathlib.Path,
                    eval_path,
                    eval_fraction,
                    version=FORMAT_VERSION,
-                   settings=(f"format={format}", f"on_invalid={on_invalid}"))
+                   settings=(f"format={format}", f"on_invalid={on_invalid}", *filters_lib.settings(filters)))
   config = PreferenceConfig(name="fp" + fp,
                             description=f"train={train_path} eval={eval_path} eval_fraction={eval_fraction} "
                             f"format={format} on_invalid={on_invalid}",
@@ -320,14 +323,17 @@ def prepare_preferences(train_path: str | pathlib.Path,
                             eval_fraction=eval_fraction,
                             format=format,
                             on_invalid=on_invalid)
-  invalid = {}
+  invalid, removed = {}, {}
 
   def read_splits():
     train, invalid["train"] = read_preferences(train_path, format, on_invalid=on_invalid)
     splits = {"train": train}
     if eval_path is not None:
       splits["eval"], invalid["eval"] = read_preferences(eval_path, format, on_invalid=on_invalid)
-    elif eval_fraction:
+    splits, counts = filters_lib.filter_splits(splits, filters, text=lambda p: _pair_text(p, "chosen"),
+                                               dedup_text=lambda p: _pair_text(p, "chosen", "rejected"))
+    removed.update(filters_lib.log_counts("preference data", counts))
+    if eval_fraction:
       splits["train"], splits["eval"] = held_out_split(train, eval_fraction, group=prompt_key)
     for split, reasons in invalid.items():
       if reasons:
@@ -336,9 +342,14 @@ def prepare_preferences(train_path: str | pathlib.Path,
     return splits
 
   def metadata(splits):
-    return {"invalid": {split: {"count": len(r), "first": r[:MAX_REASONS]} for split, r in invalid.items()}}
+    return {"invalid": {split: {"count": len(r), "first": r[:MAX_REASONS]} for split, r in invalid.items()},
+            "filter_counts": removed}
 
   return prepare_builder(PreferencePairs(config=config, data_dir=data_dir), read_splits, metadata)
+
+
+def _pair_text(pair: Pair, *answers: str) -> str:
+  return "\n".join([m["content"] for m in pair["prompt"]] + [pair[a] for a in answers])
 
 
 def record_to_pair(record: Mapping) -> Pair:

@@ -28,12 +28,13 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from alignment import console
+from alignment.data import filters as filters_lib
 from alignment.data.chat import ROLES, prompt_completion_to_messages
 
 Conversation = list[dict[str, str]]
 
 # Bump when the stored format or the validation rules change: it is part of the fingerprint.
-FORMAT_VERSION = "sft-v1"
+FORMAT_VERSION = "sft-v2"
 
 # ----------------------------------------------------------------------------------------------
 # Reading and validating JSONL.
@@ -252,6 +253,7 @@ class SftConversations(LocalJsonlBuilder):
                     "content": tfds.features.Text(),
                 }),
         }),
+        metadata=tfds.core.MetadataDict(),
         disable_shuffling=True,  # Keep file order; the grain pipeline shuffles.
     )
 
@@ -263,32 +265,45 @@ def prepare_sft(train_path: str | pathlib.Path,
                 eval_path: str | pathlib.Path | None = None,
                 *,
                 data_dir: str | pathlib.Path,
-                eval_fraction: float = 0.0) -> dict:
+                eval_fraction: float = 0.0,
+                filters: filters_lib.Options = filters_lib.DEFAULTS) -> dict:
   """Prepares (once per input fingerprint) and returns `{split: data source}`.
 
     Splits: 'train' from `train_path`; 'eval' from `eval_path`, or else, when `eval_fraction > 0`,
     a deterministic held-out fraction of the train file (see `held_out_split`); no 'eval' otherwise.
+    `filters` run over the files' rows before the held-out split (`alignment.data.filters`); what each
+    removed is logged and kept in the dataset's metadata (`filter_counts`).
     Each data source is a random-access `ArrayRecordDataSource` (`len(src)`, `src[i]`) whose records
     `record_to_messages` turns back into conversations. All inputs are validated before anything is
     written, so a bad file leaves no prepared dataset behind.
     """
   train_path, eval_path = resolve_inputs(train_path, eval_path, eval_fraction)
-  config = SftConfig(name="fp" + fingerprint(train_path, eval_path, eval_fraction),
+  config = SftConfig(name="fp" + fingerprint(train_path, eval_path, eval_fraction,
+                                             settings=filters_lib.settings(filters)),
                      description=f"train={train_path} eval={eval_path} eval_fraction={eval_fraction}",
                      train_path=str(train_path),
                      eval_path=None if eval_path is None else str(eval_path),
                      eval_fraction=eval_fraction)
 
+  removed = {}
+
   def read_splits():
-    train = read_conversations(train_path)
-    splits = {"train": train}
+    splits = {"train": read_conversations(train_path)}
     if eval_path is not None:
       splits["eval"] = read_conversations(eval_path)
-    elif eval_fraction:
-      splits["train"], splits["eval"] = held_out_split(train, eval_fraction)
+    splits, counts = filters_lib.filter_splits(splits, filters, text=conversation_text)
+    removed.update(filters_lib.log_counts("SFT data", counts))
+    if eval_fraction:
+      splits["train"], splits["eval"] = held_out_split(splits["train"], eval_fraction)
     return splits
 
-  return prepare_builder(SftConversations(config=config, data_dir=data_dir), read_splits)
+  return prepare_builder(SftConversations(config=config, data_dir=data_dir), read_splits,
+                         lambda splits: {"filter_counts": removed})
+
+
+def conversation_text(messages: Conversation) -> str:
+  """A conversation's turns as one text (what the data filters read)."""
+  return "\n".join(m["content"] for m in messages)
 
 
 def record_to_messages(record: Mapping) -> Conversation:

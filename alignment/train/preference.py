@@ -5,7 +5,8 @@ import hashlib
 import os
 from typing import Callable, NamedTuple, Optional
 
-from alignment.train.task import ResumableIterator, data_dir, prepare_once_per_job, tokenizer_and_template
+from alignment.train.task import (ResumableIterator, data_dir, data_filters, filter_info, prepare_once_per_job,
+                                  tokenizer_and_template)
 
 
 class PreferenceData(NamedTuple):
@@ -58,7 +59,7 @@ def preference_data(config, model_tokenizer) -> PreferenceData:
   d = config.data
   sources = prepare_once_per_job(lambda: preference.prepare_preferences(
       resolve_train_path(d), d.eval_path or None, data_dir=data_dir(d),
-      eval_fraction=0.0 if d.eval_path else d.eval_fraction, format=d.format))
+      eval_fraction=0.0 if d.eval_path else d.eval_fraction, format=d.format, filters=data_filters(d)))
   tokenizer, template, template_kwargs = tokenizer_and_template(d, model_tokenizer, config.model.name)
   common = dict(tokenizer=tokenizer, template=template, template_kwargs=template_kwargs,
                 seq_len=d.seq_len, batch_size=config.train.batch_size, pairs_per_row=d.pairs_per_row,
@@ -71,5 +72,5 @@ def preference_data(config, model_tokenizer) -> PreferenceData:
   splits = tuple(sorted(sources))
   num_pairs = {split: len(sources[split]) for split in splits}
   fingerprint = hashlib.sha256("|".join(source_fingerprint(sources[s]) for s in splits).encode()).hexdigest()[:20]
-  info = {f"{split}_pairs": n for split, n in num_pairs.items()}
+  info = {**{f"{split}_pairs": n for split, n in num_pairs.items()}, **filter_info(sources)}
   return PreferenceData(train, evaluate, reference_pass, splits, num_pairs, fingerprint, info)

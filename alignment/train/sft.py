@@ -8,7 +8,8 @@ from alignment.train import registry
 from alignment.train.model import setup_model
 from alignment.train.optim import model_optimizer
 from alignment.train.preference import resolve_train_path
-from alignment.train.task import Task, data_dir, prepare_once_per_job, tokenizer_and_template
+from alignment.train.task import (Task, data_dir, data_filters, filter_info, prepare_once_per_job,
+                                  tokenizer_and_template)
 
 
 def make_loss_fn(graphdef, impl: str):
@@ -35,7 +36,8 @@ def build_task(config, mesh) -> Task:
   d = config.data
   prepare = lambda: sft_data.prepare_sft(resolve_train_path(d, chosen_only=True), d.eval_path or None,
                                          data_dir=data_dir(d),
-                                         eval_fraction=0.0 if d.eval_path else d.eval_fraction)
+                                         eval_fraction=0.0 if d.eval_path else d.eval_fraction,
+                                         filters=data_filters(d))
   sources = prepare_once_per_job(prepare)
   model = setup_model(config.model, config.seed)
   tokenizer, template, template_kwargs = tokenizer_and_template(d, model.tokenizer, config.model.name)
@@ -48,6 +50,7 @@ def build_task(config, mesh) -> Task:
   eval_data = None
   if "eval" in sources:
     eval_data = lambda: pipeline.make_eval_iterator(sources["eval"], **common)
-  info = {"train_examples": len(sources["train"]), "eval_examples": len(sources.get("eval", []))}
+  info = {"train_examples": len(sources["train"]), "eval_examples": len(sources.get("eval", [])),
+          **filter_info(sources)}
   return Task({"policy": model.part(model_optimizer(config))}, make_loss_fn(model.spec.graphdef, config.kernel.impl),
               train_data, eval_data, info, model_cfg=model.cfg, tokenizer=tokenizer)

@@ -48,6 +48,18 @@ def data_dir(data_config) -> str:
   return data_config.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "alignment", "tfds")
 
 
+def data_filters(data_config):
+  """The `alignment.data.filters.Options` of `config.data.filters` (none applied when the key is absent)."""
+  from alignment.data import filters
+  return filters.options_from_config(data_config.filters) if "filters" in data_config else filters.DEFAULTS
+
+
+def filter_info(sources) -> dict:
+  """{'filtered/<filter>': rows removed over all splits} from a prepared dataset's metadata."""
+  counts = sources["train"].dataset_info.metadata.get("filter_counts", {})
+  return {f"filtered/{name}": sum(by_split.values()) for name, by_split in counts.items()}
+
+
 def tokenizer_and_template(data_config, model_tokenizer, model_name: str):
   """(tokenizer, chat template, template kwargs) for a task: `config.data.tokenizer` /
   `config.data.chat_template` when given, else the model's own (a GGUF or HF model carries both)."""
