@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -133,13 +132,10 @@ def minhash(shingle_set, num_perm: int):
   return m
 
 
-def _keep_exact(texts, seen: set):
-  keep = []
-  for t in texts:
-    key = hashlib.sha256(normalise(t).encode()).digest()
-    keep.append(key not in seen)
-    seen.add(key)
-  return keep
+def exact_duplicate_groups(texts: Sequence[str]) -> list[int]:
+  """For each text, the index of the first text with the same normalised words (its own when none)."""
+  first = {}
+  return [first.setdefault(normalise(t), i) for i, t in enumerate(texts)]
 
 
 MAX_LSH_MISS = 1e-4
@@ -156,24 +152,24 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
   raise ValueError(f"num_perm={num_perm} is too few for near_threshold={threshold}")
 
 
-class _NearIndex:
-  """The rows kept so far, for near-duplicate queries: LSH candidates, checked by exact Jaccard."""
-
-  def __init__(self, options: Options):
-    from datasketch import MinHashLSH
-    self.options = options
-    self.lsh = MinHashLSH(num_perm=options.num_perm, params=lsh_bands(options.near_threshold, options.num_perm))
-    self.sets = []
-
-  def add_if_new(self, text: str) -> bool:
-    s = shingles(text, self.options.shingle_words)
-    m = minhash(s, self.options.num_perm)
-    for key in self.lsh.query(m):
-      if jaccard(s, self.sets[key]) >= self.options.near_threshold:
-        return False
-    self.lsh.insert(len(self.sets), m)
-    self.sets.append(s)
-    return True
+def near_duplicate_groups(texts: Sequence[str], threshold: float, *, shingle_words: int = 3,
+                          num_perm: int = 128) -> list[int]:
+  """For each text, the index of the first earlier group leader whose shingle set has a Jaccard of at
+  least `threshold` with its own (its own index when none: it leads a new group)."""
+  from datasketch import MinHashLSH
+  lsh = MinHashLSH(num_perm=num_perm, params=lsh_bands(threshold, num_perm))
+  leaders, groups = {}, []
+  for i, text in enumerate(texts):
+    s = shingles(text, shingle_words)
+    m = minhash(s, num_perm)
+    matches = [j for j in lsh.query(m) if jaccard(s, leaders[j]) >= threshold]
+    if matches:
+      groups.append(min(matches))
+    else:
+      lsh.insert(i, m)
+      leaders[i] = s
+      groups.append(i)
+  return groups
 
 
 def filter_splits(splits: Mapping[str, Sequence], options: Options, *, text: Callable[[object], str],
@@ -196,13 +192,18 @@ def filter_splits(splits: Mapping[str, Sequence], options: Options, *, text: Cal
             removed[f"quality/{reason}"][split] += 1
         out[split] = [r for r, why in zip(rows, reasons) if why is None]
       continue
-    seen, index = set(), _NearIndex(options) if name == "near_dedup" else None
-    removed[name] = {}
-    for split, rows in out.items():
-      texts = [dedup_text(r) for r in rows]
-      keep = _keep_exact(texts, seen) if name == "exact_dedup" else [index.add_if_new(t) for t in texts]
+    names = list(out)
+    texts = [dedup_text(r) for split in names for r in out[split]]
+    groups = (exact_duplicate_groups(texts) if name == "exact_dedup" else
+              near_duplicate_groups(texts, options.near_threshold, shingle_words=options.shingle_words,
+                                    num_perm=options.num_perm))
+    removed[name], start = {}, 0
+    for split in names:
+      rows = out[split]
+      keep = [groups[start + i] == start + i for i in range(len(rows))]
       removed[name][split] = len(rows) - sum(keep)
       out[split] = [r for r, k in zip(rows, keep) if k]
+      start += len(rows)
   return out, removed
 
 
