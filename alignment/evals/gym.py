@@ -294,6 +294,12 @@ def _over_refusal(split, rng):
   return pools
 
 
+def over_refusal_requests() -> list[tuple[str, str, str]]:
+  """(gym split, category, request) of every over-refusal item (the safety splits reuse them)."""
+  return [(OVER_REFUSAL_SPLIT[category], category, request)
+          for category, rows in _asset("items.json")["over_refusal"].items() for request, _ in rows]
+
+
 def _requests(split):
   return {c: vps for c, vps in _asset("items.json")["harmful"].items() if HARMFUL_SPLIT[c] == split}
 
