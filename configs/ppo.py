@@ -32,9 +32,9 @@ def get_config(arg=None):
     c.rl.rewards = "reward_model"
     c.rl.reward_model = a.reward_model
     c.rl.value_init = "reward_model"
-    c.rl.prompts_per_step, c.rl.group_size, c.rl.max_new_tokens = 4, 2, 48
+    c.rl.prompts_per_step, c.rl.group_size, c.rl.max_new_tokens = 8, 2, 48
     c.model.frozen_layers, c.model.frozen_embeddings = 20, True
-    c.optim.lr, c.rl.value_lr = 3e-5, 1e-4
+    c.optim.lr, c.rl.value_lr = 1e-4, 1e-4
     c.train.steps = 20
     c.train.ckpt_every_s = 600.0
   if a.steps:

@@ -103,7 +103,7 @@ def _logits_pair(name, ids):
   import torch
   from alignment import models
   model, _ = real_weights.ours(name)
-  ref_model, _ = real_weights.reference(name)
+  ref_model = real_weights.reference_model(name)
   ours = np.asarray(models.logits(model, jnp.asarray([ids], jnp.int32)))[0]
   with torch.no_grad():
     ref = ref_model(torch.tensor([ids])).logits[0].float().numpy()

@@ -143,7 +143,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 def test_smollm2_greedy_equals_transformers_generate_and_logprobs_teacher_forced():
   import torch
   model, tok = real_weights.ours("smollm2-135m-instruct")
-  ref_model, _ = real_weights.reference("smollm2-135m-instruct")
+  ref_model = real_weights.reference_model("smollm2-135m-instruct")
   prompts = [tok.ids(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
                      add_special_tokens=False) for q in QUESTIONS]
   assert len({len(p) for p in prompts}) == len(prompts)
