@@ -13,7 +13,6 @@ The sampling key of step s is fold_in(seed, s) and the prompt stream's position 
 coefficient are saved with each checkpoint, so a resumed run continues the uninterrupted one.
 """
 
-import json
 import time
 import types
 
@@ -23,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from alignment import checkpoint, choices
-from alignment import workdir as workdir_lib
 from alignment.losses import grpo as grpo_losses
 from alignment.losses import ppo as ppo_losses
 from alignment.models import sampler as sampler_lib
@@ -31,6 +29,7 @@ from alignment.models.tokenizer import Tokenizer
 from alignment.parallel import make_mesh, replicated, shard_batch
 from alignment.rl import objective, presets, prompts as prompts_lib, rewards as rewards_lib, rollout
 from alignment.train import gym_eval, registry
+from alignment.train import rm as rm_lib
 from alignment.train import state as state_lib
 from alignment.train.loop import check_finite, finish
 from alignment.train.model import check_model_source, setup_model
@@ -110,9 +109,7 @@ def _value_part(config, rl, policy, total_steps: int):
   if rl.value_init == "policy":
     model = setup_model(config.model, config.seed + 1, reward_head=True)
     return state_lib.Part(model.spec, model.load_params, optimizer)
-  workdir = workdir_lib.resolve(rl.reward_model)
-  rm_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  model = setup_model(rm_config.model, rm_config.seed, reward_head=True)
+  workdir, _, model = rm_lib.reward_model_run(rl.reward_model)
   if model.cfg.vocab_size != policy.cfg.vocab_size:
     raise ValueError(f"config.rl.value_init='reward_model': {rl.reward_model} has a vocabulary of "
                      f"{model.cfg.vocab_size}, the policy {policy.cfg.vocab_size}; the value model reads the "

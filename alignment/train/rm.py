@@ -72,6 +72,16 @@ def build_task(config, mesh) -> Task:
               data.train, data.eval, dict(data.info), count_name="num_pairs", summarize=summarize)
 
 
+def reward_model_run(workdir) -> tuple:
+  """(resolved workdir, its config, its model set up without weights) of a reward-model run; another
+  run's workdir is refused naming its algorithm."""
+  workdir = workdir_lib.resolve(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  if config.algorithm != "rm":
+    raise ValueError(f"{workdir}/config.json: algorithm is {config.algorithm!r}, not 'rm'")
+  return workdir, config, setup_model(config.model, config.seed, reward_head=True)
+
+
 class RewardScorer:
   """Scores (prompt, completion) pairs with the latest checkpoint of a reward-model workdir.
 
@@ -80,12 +90,8 @@ class RewardScorer:
   """
 
   def __init__(self, workdir, mesh=None):
-    workdir = workdir_lib.resolve(workdir)
-    self.config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    if self.config.algorithm != "rm":
-      raise ValueError(f"{workdir}/config.json: algorithm is {self.config.algorithm!r}, not 'rm'")
+    workdir, self.config, model = reward_model_run(workdir)
     self.mesh = mesh or make_mesh({"data": -1})
-    model = setup_model(self.config.model, self.config.seed, reward_head=True)
     self.tokenizer, self.template, self.template_kwargs = tokenizer_and_template(
         self.config.data, model.tokenizer, self.config.model.name)
     rules = tuple(tuple(r) for r in self.config.sharding.rules)
