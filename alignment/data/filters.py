@@ -26,7 +26,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from alignment.choices import DATA_FILTERS as FILTERS
+from alignment.choices import check_config
 
 QUALITY_REASONS = ("length", "symbols", "non_text", "repetition")
 
@@ -58,10 +58,8 @@ def options_from_config(filters) -> Options:
   for key in values:
     if key not in known:
       raise ValueError(f"config.data.filters.{key}: unknown key; keys: {', '.join(sorted(known))}")
+  check_config({"data": {"filters": values}})  # the filter names, as the run checks them at start
   names = tuple(n.strip() for n in str(values.pop("apply", "")).split(",") if n.strip())
-  for name in names:
-    if name not in FILTERS:
-      raise ValueError(f"config.data.filters.apply: unknown filter {name!r}; filters: {', '.join(FILTERS)}")
   options = Options(apply=names, **values)
   if not 0 < options.near_threshold <= 1:
     raise ValueError(f"config.data.filters.near_threshold={options.near_threshold}: expected a value in (0, 1]")
@@ -207,10 +205,9 @@ def filter_splits(splits: Mapping[str, Sequence], options: Options, *, text: Cal
   return out, removed
 
 
-def log_counts(what: str, removed: Mapping[str, Mapping[str, int]]) -> dict:
-  """Logs one line of what each filter removed (`what`: the data's name); returns `removed` as a dict."""
+def log_counts(what: str, removed: Mapping[str, Mapping[str, int]]) -> None:
+  """Logs one line of what each filter removed (`what`: the data's name)."""
   if removed:
     parts = [f"{name} {sum(c.values())} ({', '.join(f'{s} {n}' for s, n in c.items())})"
              for name, c in removed.items()]
     logging.info("%s: the filters removed %s", what, "; ".join(parts))
-  return {name: dict(c) for name, c in removed.items()}

@@ -60,8 +60,8 @@ import tensorflow_datasets as tfds
 from alignment.choices import PREFERENCE_FORMATS
 from alignment.data import filters as filters_lib
 from alignment.data.chat import ROLES
-from alignment.data.sft import (LocalJsonlBuilder, _text, fingerprint, held_out_split, prepare_builder, read_jsonl,
-                                resolve_inputs)
+from alignment.data.sft import (LocalJsonlBuilder, _text, conversation_text, fingerprint, held_out_split,
+                                prepare_builder, read_jsonl, resolve_inputs)
 
 Pair = dict  # {"prompt": [messages], "chosen": str, "rejected": str, "margin": float}
 
@@ -332,7 +332,8 @@ def prepare_preferences(train_path: str | pathlib.Path,
       splits["eval"], invalid["eval"] = read_preferences(eval_path, format, on_invalid=on_invalid)
     splits, counts = filters_lib.filter_splits(splits, filters, text=lambda p: _pair_text(p, "chosen"),
                                                dedup_text=lambda p: _pair_text(p, "chosen", "rejected"))
-    removed.update(filters_lib.log_counts("preference data", counts))
+    filters_lib.log_counts("preference data", counts)
+    removed.update(counts)
     if eval_fraction:
       splits["train"], splits["eval"] = held_out_split(train, eval_fraction, group=prompt_key)
     for split, reasons in invalid.items():
@@ -349,7 +350,7 @@ def prepare_preferences(train_path: str | pathlib.Path,
 
 
 def _pair_text(pair: Pair, *answers: str) -> str:
-  return "\n".join([m["content"] for m in pair["prompt"]] + [pair[a] for a in answers])
+  return "\n".join([conversation_text(pair["prompt"])] + [pair[a] for a in answers])
 
 
 def record_to_pair(record: Mapping) -> Pair:

@@ -292,7 +292,8 @@ def prepare_sft(train_path: str | pathlib.Path,
     if eval_path is not None:
       splits["eval"] = read_conversations(eval_path)
     splits, counts = filters_lib.filter_splits(splits, filters, text=conversation_text)
-    removed.update(filters_lib.log_counts("SFT data", counts))
+    filters_lib.log_counts("SFT data", counts)
+    removed.update(counts)
     if eval_fraction:
       splits["train"], splits["eval"] = held_out_split(splits["train"], eval_fraction)
     return splits
