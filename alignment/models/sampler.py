@@ -153,6 +153,20 @@ def _cache_sharding(mesh, batch: int, kv_heads: int):
   return NamedSharding(mesh, P(None, batch_axes, head_axis, None, None))
 
 
+def _on_every_device(mesh, flag):
+  """`flag` (a bool GSPMD holds replicated) if it is true on every device of `mesh`, else False.
+
+  GSPMD may keep the per-row decode state replicated over 'fsdp' and reduce the stop test over 'data'
+  only, so each 'fsdp' replica decides the loop's exit from its own copy. Copies that differ in one
+  sampled token (measured on 8 CPU devices: about one GRPO job in 16) leave the replicas in different
+  iterations, each waiting in a collective the other never reaches. Agreeing on one flag keeps every
+  device's trip count the same."""
+  if mesh is None or mesh.size == 1:
+    return flag
+  agree = lambda f: jax.lax.pmin(f.astype(jnp.int32), mesh.axis_names).astype(bool)
+  return jax.shard_map(agree, mesh=mesh, in_specs=P(), out_specs=P())(flag)
+
+
 def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tokens, lengths, rng) -> Samples:
   B, Pw = tokens.shape
   N = s.max_new_tokens
@@ -195,7 +209,7 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tok
 
   def cond(state):
     t, _, _, _, done, _, _ = state
-    return (t < N) & ~jnp.all(done)
+    return (t < N) & ~_on_every_device(mesh, jnp.all(done))
 
   def step(state):
     t, token, caches, key_valid, done, out, rng = state
