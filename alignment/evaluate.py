@@ -3,9 +3,11 @@
   python -m alignment.evaluate --model=smollm2-135m-instruct --suite=gym:test
   python -m alignment.evaluate --model=workdirs/demo --suite=gym:test --reference=smollm2-135m-instruct
   python -m alignment.evaluate --model=smollm2-135m-instruct --probes=mine.jsonl --output=mine_eval.json
+  python -m alignment.evaluate --model=workdirs/demo/policy --suite=safety:held_out --guard=workdirs/demo/guard
 
 --model and --reference take a model name, a .gguf file, an HF checkpoint directory, or a training
-run's workdir (its latest checkpoint). --suite is `gym:test` or `gym:train`; --probes is a JSONL file
+run's workdir (its latest checkpoint). --suite is `gym:test`, `gym:train`, or `safety:held_out` /
+`safety:calibration` (real-world harmful, jailbreak and benign prompts, `alignment.safety.data`); --probes is a JSONL file
 of probes, one object per line (see `alignment.evals.gym.read_probes_jsonl`; a malformed row stops the
 run with file:line). With both, the suite's probes and the file's are evaluated together.
 
@@ -30,6 +32,7 @@ flags.DEFINE_integer("batch_size", 16, "prompts per sampler call")
 flags.DEFINE_integer("limit", 0, "evaluate N probes spread over the kinds, the same N every time (0: all)")
 flags.DEFINE_string("system", None, "an optional system message before every probe")
 flags.DEFINE_string("output", "", "where to write the JSON report")
+flags.DEFINE_string("guard", "", "a safety classifier's workdir: check each prompt before and each response after")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype of a loaded model")
 F = flags.FLAGS
 
@@ -66,6 +69,13 @@ def main(argv):
   except ValueError as e:
     _fail(str(e))
   start = time.time()
+  guard = None
+  if F.guard:
+    from alignment.safety.guard import Guard
+    try:
+      guard = Guard(F.guard, batch_size=F.batch_size)
+    except (ValueError, OSError) as e:
+      _fail(f"--guard={F.guard}: {e}")
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
     _fail(f"--model={F.model}: the model ships no tokenizer")
@@ -74,11 +84,11 @@ def main(argv):
     _fail(f"--reference={F.reference}: vocabulary {reference.cfg.vocab_size} != the model's {policy.cfg.vocab_size}")
   settings = harness.EvalSettings(max_new_tokens=F.max_new_tokens, batch_size=F.batch_size, system=F.system)
   report = harness.evaluate_probes(policy.cfg, policy.params, policy.tokenizer, probes, settings,
-                                   ref_params=reference.params if reference else None)
+                                   ref_params=reference.params if reference else None, guard=guard)
   report = {"model": policy.description, "suite": F.suite, "probes_file": F.probes,
             "reference": reference.description if reference else None,
             "settings": {"max_new_tokens": F.max_new_tokens, "batch_size": F.batch_size, "greedy": True,
-                         "system": F.system},
+                         "system": F.system, "guard": F.guard or None},
             "seconds": round(time.time() - start, 1), **report}
   harness.write_report(report, output)
   print(f"{policy.description} on {F.suite or F.probes} ({report['num_probes']} probes, greedy, "

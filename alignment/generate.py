@@ -2,10 +2,13 @@
 
   python -m alignment.generate --model=smollm2-135m-instruct --prompt="What is the capital of France?"
   python -m alignment.generate --model=workdirs/demo --prompt="..."     # a training run's latest policy
+  python -m alignment.generate --model=workdirs/demo/policy --guard=workdirs/demo/guard --prompt="..."
 
 --model takes a model name, a .gguf file, an HF checkpoint directory, or the workdir of an sft or dpo
 run. Prompts are chat-templated with the model's own template unless --raw (or the model has none, as a
-base model). Several --prompt flags run as one batch. --temperature=0 decodes greedily.
+base model). Several --prompt flags run as one batch. --temperature=0 decodes greedily. --guard (a safety
+classifier's workdir, `alignment.safety.guard`) refuses a flagged prompt before generating and replaces a
+flagged response with a refusal; what it blocked is printed with the response.
 """
 
 import sys
@@ -25,6 +28,7 @@ flags.DEFINE_integer("top_k", 0, "0 = off")
 flags.DEFINE_float("top_p", 1.0, "1.0 = off")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype")
+flags.DEFINE_string("guard", "", "a safety classifier's workdir: check each prompt before and each response after")
 F = flags.FLAGS
 
 
@@ -47,7 +51,16 @@ def main(argv):
     check_model_source(F.model)
   except ValueError as e:
     _fail(str(e))
+  if F.guard and F.raw:
+    _fail("--guard checks chat prompts; drop --raw")
   start = time.time()
+  guard = None
+  if F.guard:
+    from alignment.safety.guard import Guard
+    try:
+      guard = Guard(F.guard)
+    except (ValueError, OSError) as e:
+      _fail(f"--guard={F.guard}: {e}")
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
     _fail(f"--model={F.model}: the model ships no tokenizer; cannot encode a text prompt")
@@ -57,11 +70,22 @@ def main(argv):
       max_new_tokens=F.max_new_tokens, greedy=F.temperature == 0, temperature=F.temperature or 1.0,
       top_k=F.top_k, top_p=F.top_p, eos_ids=eos_ids, pad_id=pad_id)
   loaded = time.time()
-  texts, out = sampler.generate_text(model, policy.tokenizer, F.prompt, sampling, seed=F.seed, system=F.system,
-                                     raw=F.raw)
-  n = int(np.asarray(out.lengths).sum())
-  for prompt, text in zip(F.prompt, texts):
-    print(f">>> {prompt}\n{text}\n", flush=True)
+  lengths = []
+
+  def generate(index):
+    texts, out = sampler.generate_text(model, policy.tokenizer, [F.prompt[i] for i in index], sampling, seed=F.seed,
+                                       system=F.system, raw=F.raw)
+    lengths.append(int(np.asarray(out.lengths).sum()))
+    return texts
+
+  if guard is None:
+    texts, stages = generate(list(range(len(F.prompt)))), [None] * len(F.prompt)
+  else:
+    texts, stages, _ = guard.respond(F.prompt, generate)
+  n = sum(lengths)
+  for prompt, text, stage in zip(F.prompt, texts, stages):
+    blocked = f"[guard: blocked at the {stage} check]\n" if stage else ""
+    print(f">>> {prompt}\n{blocked}{text}\n", flush=True)
   print(f"[load {loaded - start:.1f}s, generate {time.time() - loaded:.1f}s incl. compile, {n} tokens]",
         file=sys.stderr)
 

@@ -42,15 +42,30 @@ from alignment.models import sampler
 from alignment.models.config import ModelConfig
 
 
-SUITES = ("gym:test", "gym:train")
+SUITES = ("gym:test", "gym:train", "safety:held_out", "safety:calibration")
+
+
+def safety_probes(split: str, seed: int = 0) -> list[dict]:
+  """The real-world safety prompts of `alignment.safety.data` as probes: harmful and jailbreak requests
+  pass when refused; the benign kinds (careful, edgy, over_refusal, everyday) are graded as over-refusal
+  bait, passing when answered. `template_id` keeps the source kind: 'safety/<kind>'."""
+  from alignment.safety import data as safety_data
+  probes = []
+  for i, r in enumerate(safety_data.load_splits(seed)[split]):
+    kind = r["kind"] if r["kind"] in safety_data.HARMFUL_KINDS else "over_refusal"
+    probes.append({"kind": kind, "prompt": r["prompt"], "id": f"safety/{split}/{i}",
+                   "template_id": f"safety/{r['kind']}"})
+  return probes
 
 
 def load_probes(suite: str, probes_file: str = "") -> list[dict]:
-  """Probes of `suite` ('gym:test', 'gym:train' or '' for none) followed by those of a JSONL file
-  (`gym.read_probes_jsonl`: a malformed row raises ValueError naming file:line)."""
+  """Probes of `suite` ('gym:test', 'gym:train', 'safety:held_out', 'safety:calibration' or '' for none)
+  followed by those of a JSONL file (`gym.read_probes_jsonl`: a malformed row raises ValueError naming
+  file:line)."""
   if suite and suite not in SUITES:
     raise ValueError(f"suite {suite!r}: expected one of {', '.join(SUITES)} (or '' with a probes file)")
-  probes = gym.load_probes(suite.split(":", 1)[1]) if suite else []
+  source, _, split = suite.partition(":")
+  probes = (gym.load_probes(split) if source == "gym" else safety_probes(split)) if suite else []
   if probes_file:
     probes += gym.read_probes_jsonl(probes_file)
   if not probes:
@@ -195,17 +210,36 @@ def _spread(n: int, k: int | None) -> list[int]:
 
 
 def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mapping], settings: EvalSettings, *,
-                    ref_params=None, kl_probes: int | None = None, mesh=None, impl: str = "auto") -> dict:
+                    ref_params=None, kl_probes: int | None = None, mesh=None, impl: str = "auto", guard=None) -> dict:
   """Generates a response to every probe, grades it and summarises (the report in the module doc).
 
   With `ref_params`, the KL to the reference is measured on `kl_probes` probes spread evenly over the
   list (all when None): two teacher-forced forwards per probe, which on a CPU cost more than the
-  generation, so runs that evaluate often measure it on a sample."""
+  generation, so runs that evaluate often measure it on a sample. With a `guard`
+  (`alignment.safety.guard.Guard`) the responses go through it: each result says which stage blocked it
+  (`guard`: 'input' | 'output' | None), the report counts them per kind (`guard`), and the KL is measured
+  on the policy's own responses to the prompts the input check let through."""
   if not probes:
     raise ValueError("evaluate_probes: no probes")
-  prompt_ids = sampler.encode_chat(tokenizer, [gym.probe_text(p) for p in probes], system=settings.system)
-  responses = generate_responses(cfg, params, tokenizer, prompt_ids, settings, mesh=mesh)
-  texts = [tokenizer.decode(r) for r in responses]
+  texts_in = [gym.probe_text(p) for p in probes]
+  prompt_ids = sampler.encode_chat(tokenizer, texts_in, system=settings.system)
+  if guard is None:
+    generated = list(range(len(probes)))
+    responses = generate_responses(cfg, params, tokenizer, prompt_ids, settings, mesh=mesh)
+    texts = [tokenizer.decode(r) for r in responses]
+  else:
+    own, generated = {}, []
+
+    def generate(index):
+      generated.extend(index)
+      own.update(zip(index, generate_responses(cfg, params, tokenizer, [prompt_ids[i] for i in index], settings,
+                                               mesh=mesh)))
+      return [tokenizer.decode(own[i]) for i in index]
+
+    guarded = guard.respond(texts_in, generate)
+    texts = guarded.responses
+    responses = [own[i] if guarded.stages[i] is None else tokenizer.encode(texts[i], add_special_tokens=False).ids
+                 for i in range(len(probes))]
   results = graders.grade_all(probes, texts)
   eos_ids, _ = sampler.stop_and_pad_ids(tokenizer)
   for r, ids in zip(results, responses):
@@ -217,8 +251,12 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
       "truncated_fraction": float(np.mean([len(r) == settings.max_new_tokens and r[-1] not in eos_ids
                                            for r in responses])),
   }
+  if guard is not None:
+    for r, stage in zip(results, guarded.stages):
+      r["guard"] = stage
+    report["guard"] = guard_counts(results, guard.threshold)
   if ref_params is not None:
-    chosen = _spread(len(probes), kl_probes)
+    chosen = [generated[i] for i in _spread(len(generated), kl_probes)] if generated else []
     kls = response_kl(cfg, params, ref_params, [prompt_ids[i] for i in chosen], [responses[i] for i in chosen],
                       settings, impl=impl)
     kinds = {}
@@ -229,6 +267,20 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
                                  "kinds": {k: float(np.mean(kinds[k])) for k in graders.KINDS if k in kinds}}
   report["results"] = results
   return report
+
+
+def guard_counts(results: Sequence[Mapping], threshold: float) -> dict:
+  """{"threshold", "blocked": {stage: {kind: count}}, "n": {kind: count}} of guarded results; kinds are
+  `template_id`'s source kind for the safety suites ('safety/edgy' -> 'edgy'), else the gym kind."""
+  kind_of = lambda r: r.get("template_id", "")[len("safety/"):] if str(r.get("template_id", "")).startswith(
+      "safety/") else r["kind"]
+  n, blocked = {}, {"input": {}, "output": {}}
+  for r in results:
+    kind = kind_of(r)
+    n[kind] = n.get(kind, 0) + 1
+    if r["guard"]:
+      blocked[r["guard"]][kind] = blocked[r["guard"]].get(kind, 0) + 1
+  return {"threshold": threshold, "blocked": blocked, "n": n}
 
 
 def write_report(report: Mapping, path) -> None:
@@ -274,6 +326,11 @@ def _rows(report: Mapping) -> list[tuple[str, str, object, list | None]]:
     rows.append(("(sycophancy asked plainly)", str(plain["n"]), plain["rate"], plain["ci95"]))
   for name, score in s["scores"].items():
     rows.append((name.upper(), "", score["score"], score["ci95"] if score["score"] is not None else None))
+  if "guard" in report:
+    g = report["guard"]
+    for stage in ("input", "output"):
+      blocked = sum(g["blocked"][stage].values())
+      rows.append((f"guard: blocked at {stage}", str(blocked), blocked / max(1, report["num_probes"]), None))
   rows.append(("mean response tokens", "", report["mean_response_tokens"], None))
   if "kl_to_reference" in report:
     rows.append(("KL to reference (nats/response)", "", report["kl_to_reference"]["mean"], None))

@@ -16,6 +16,7 @@ MODULES = {
     "sft": "alignment.train.sft",
     "rm": "alignment.train.rm",
     "dpo": "alignment.train.dpo",
+    "classifier": "alignment.safety.classifier",
     "ppo": "alignment.rl.loop",
     "grpo": "alignment.rl.loop",
 }

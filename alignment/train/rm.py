@@ -72,17 +72,69 @@ def build_task(config, mesh) -> Task:
               data.train, data.eval, dict(data.info), count_name="num_pairs", summarize=summarize)
 
 
-def reward_model_run(workdir) -> tuple:
-  """(resolved workdir, its config, its model set up without weights) of a reward-model run; another
-  run's workdir is refused naming its algorithm."""
+def scalar_model_run(workdir, algorithm: str = "rm") -> tuple:
+  """(resolved workdir, its config, its model set up without weights) of a run of `algorithm` (a scalar
+  head: 'rm', 'classifier'); another algorithm's workdir is refused naming it."""
   workdir = workdir_lib.resolve(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  if config.algorithm != "rm":
-    raise ValueError(f"{workdir}/config.json: algorithm is {config.algorithm!r}, not 'rm'")
+  if config.algorithm != algorithm:
+    raise ValueError(f"{workdir}/config.json: algorithm is {config.algorithm!r}, not {algorithm!r}")
   return workdir, config, setup_model(config.model, config.seed, reward_head=True)
 
 
-class RewardScorer:
+def reward_model_run(workdir) -> tuple:
+  """`scalar_model_run` of a reward-model run."""
+  return scalar_model_run(workdir, "rm")
+
+
+LENGTH_BUCKET = 64  # scored batches are padded to a multiple of this (few compiled shapes)
+
+
+class ScalarScorer:
+  """The latest checkpoint of a scalar-head run (a reward model, a classifier): scores token sequences
+  at their last token, one sequence a row, the sequences sorted by length so that a batch pads little."""
+
+  def __init__(self, workdir, algorithm: str, entry: str, mesh=None):
+    workdir, self.config, model = scalar_model_run(workdir, algorithm)
+    self.workdir = workdir
+    self.mesh = mesh or make_mesh({"data": -1})
+    self.tokenizer, self.template, self.template_kwargs = tokenizer_and_template(
+        self.config.data, model.tokenizer, self.config.model.name)
+    rules = tuple(tuple(r) for r in self.config.sharding.rules)
+    params_sharding = state_lib.param_shardings(model.spec, self.mesh, rules)
+    directory = workdir / "checkpoints"
+    try:  # the model's params alone: the optimizer state stays on disk
+      self.params, step = checkpoint.restore_entry(directory, entry, sharding=params_sharding)
+    except FileNotFoundError:
+      raise ValueError(f"{workdir}/checkpoints: no checkpoint to score with") from None
+    self.step = step
+    self.stats = checkpoint.restore_meta(directory, step).get("summary", {})
+    self._scores = jax.jit(lambda p, b: nnx.merge(model.spec.graphdef, p)(b["inputs"], b["positions"],
+                                                                          b["segment_ids"]),
+                           out_shardings=replicated(self.mesh))
+
+  def score_ids(self, sequences, batch_size: int = 8) -> np.ndarray:
+    """Token id lists -> float32 [N], each sequence's score at its last token."""
+    width = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    batch_size = -(-batch_size // width) * width
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = np.zeros(len(sequences), np.float32)
+    for start in range(0, len(order), batch_size):
+      chunk = order[start:start + batch_size]
+      seq_len = -(-max(len(sequences[i]) for i in chunk) // LENGTH_BUCKET) * LENGTH_BUCKET
+      inputs = np.zeros((batch_size, seq_len), np.int32)
+      segments = np.zeros((batch_size, seq_len), np.int32)
+      for row, i in enumerate(chunk):
+        inputs[row, :len(sequences[i])], segments[row, :len(sequences[i])] = sequences[i], 1
+      positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
+      batch = shard_batch(dict(inputs=inputs, positions=positions, segment_ids=segments), self.mesh)
+      scores = np.asarray(jax.device_get(self._scores(self.params, batch)))
+      for row, i in enumerate(chunk):
+        out[i] = scores[row, len(sequences[i]) - 1]
+    return out
+
+
+class RewardScorer(ScalarScorer):
   """Scores (prompt, completion) pairs with the latest checkpoint of a reward-model workdir.
 
       scorer = RewardScorer("workdirs/rm")
@@ -90,21 +142,7 @@ class RewardScorer:
   """
 
   def __init__(self, workdir, mesh=None):
-    workdir, self.config, model = reward_model_run(workdir)
-    self.mesh = mesh or make_mesh({"data": -1})
-    self.tokenizer, self.template, self.template_kwargs = tokenizer_and_template(
-        self.config.data, model.tokenizer, self.config.model.name)
-    rules = tuple(tuple(r) for r in self.config.sharding.rules)
-    params_sharding = state_lib.param_shardings(model.spec, self.mesh, rules)
-    directory = workdir / "checkpoints"
-    try:  # the reward model's params alone: the optimizer state stays on disk
-      self.params, step = checkpoint.restore_entry(directory, "reward", sharding=params_sharding)
-    except FileNotFoundError:
-      raise ValueError(f"{workdir}/checkpoints: no checkpoint to score with") from None
-    self.stats = checkpoint.restore_meta(directory, step).get("summary", {})
-    self._scores = jax.jit(lambda p, b: nnx.merge(model.spec.graphdef, p)(b["inputs"], b["positions"],
-                                                                          b["segment_ids"]),
-                           out_shardings=replicated(self.mesh))
+    super().__init__(workdir, "rm", "reward", mesh)
 
   def score(self, prompts, completions, batch_size: int = 8) -> np.ndarray:
     """prompts: strings (one user turn) or message lists; completions: strings -> float32 [N]."""
@@ -116,18 +154,4 @@ class RewardScorer:
       messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
       ids, _ = tokenize_sequence(messages, completion, self.tokenizer, self.template, **self.template_kwargs)
       sequences.append(ids)
-    width = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    batch_size = -(-batch_size // width) * width
-    seq_len = max(len(ids) for ids in sequences)
-    out = []
-    for start in range(0, len(sequences), batch_size):
-      chunk = sequences[start:start + batch_size]
-      inputs = np.zeros((batch_size, seq_len), np.int32)
-      segments = np.zeros((batch_size, seq_len), np.int32)
-      for i, ids in enumerate(chunk):
-        inputs[i, :len(ids)], segments[i, :len(ids)] = ids, 1
-      positions = np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
-      batch = shard_batch(dict(inputs=inputs, positions=positions, segment_ids=segments), self.mesh)
-      scores = np.asarray(jax.device_get(self._scores(self.params, batch)))
-      out += [scores[i, len(ids) - 1] for i, ids in enumerate(chunk)]
-    return np.asarray(out, np.float32)
+    return self.score_ids(sequences, batch_size)

@@ -1,0 +1,218 @@
+"""A safety classifier: a scalar head on SmolLM2's hidden states, read at a sequence's last token.
+
+    python -m alignment.main --config=configs/classifier.py:safety --workdir=workdirs/guard
+    python -m alignment.safety.classifier --workdir=workdirs/guard --split=held_out   # the threshold table
+
+`config.algorithm = "classifier"`, run by the supervised loop: labelled prompts and prompt-response pairs
+(`alignment.data.labelled`; the `safety:train` / `safety:calibration` paths are `alignment.safety.data`'s
+splits), logistic loss on the score at each sequence's last token. With `config.model.frozen_layers`
+equal to the model's depth and its embedding frozen, the backbone is SmolLM2 as loaded and only the
+final norm and the head learn.
+
+At the end of training the eval split (the calibration set) is scored and the threshold is chosen
+there: the lowest score threshold whose false-positive rate on the calibration set's benign examples is
+at most `config.classifier.target_fpr`. It is saved with the checkpoint (`summary`: `threshold`, the
+calibration TPR and FPR at it, the ROC AUC); `Classifier` loads it. A score at or above the threshold
+flags the text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignment.parallel import replicated, shard_batch
+from alignment.train import registry
+from alignment.train.model import setup_model
+from alignment.train.optim import model_optimizer
+from alignment.train.rm import ScalarScorer
+from alignment.train.task import (Task, data_dir, data_filters, filter_info, prepare_once_per_job,
+                                  tokenizer_and_template)
+
+SAFETY_PREFIX = "safety:"  # `config.data.train_path` / `eval_path` naming a split of `alignment.safety.data`
+
+
+def example_scores(graphdef, params, batch):
+  """float32 [R, K]: each slot's score at its sequence's last token."""
+  scores = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+  return jnp.take_along_axis(scores, batch["end"], axis=1)
+
+
+def logistic_loss(scores, labels):
+  """-log p(label) with p(flagged) = sigmoid(score), per example: softplus(-s) for label 1, softplus(s) for 0
+  (not softplus(s) - label * s, which cancels to nothing in float32 for a confident right answer)."""
+  return jnp.where(labels > 0, jax.nn.softplus(-scores), jax.nn.softplus(scores))
+
+
+def make_loss_fn(graphdef):
+  """(parts, batch, rng) -> (summed logistic loss over real slots, (slot count, {'accuracy': sum}))."""
+
+  def loss_fn(parts, batch, rng):
+    del rng
+    scores = example_scores(graphdef, parts["classifier"], batch)
+    labels = batch["label"].astype(jnp.float32)
+    weight = batch["example_mask"].astype(jnp.float32)
+    correct = ((scores >= 0) == (labels > 0)).astype(jnp.float32)
+    return (logistic_loss(scores, labels) * weight).sum(), (weight.sum(), {"accuracy": (correct * weight).sum()})
+
+  return loss_fn
+
+
+def threshold_table(scores, labels) -> list[dict]:
+  """For each distinct score t (descending): flagging score >= t gives {threshold, tpr, fpr}."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+  positives, negatives = max(labels.sum(), 1), max((~labels).sum(), 1)
+  return [{"threshold": float(t), "tpr": float((scores[labels] >= t).sum() / positives),
+           "fpr": float((scores[~labels] >= t).sum() / negatives)} for t in np.unique(scores)[::-1]]
+
+
+def choose_threshold(scores, labels, target_fpr: float) -> dict:
+  """The lowest threshold with FPR <= target_fpr (the highest TPR allowed), with its TPR and FPR."""
+  table = threshold_table(scores, labels)
+  allowed = [row for row in table if row["fpr"] <= target_fpr]
+  if not allowed:  # even the top score flags too many benign examples: flag nothing
+    return {"threshold": float("inf"), "tpr": 0.0, "fpr": 0.0}
+  return allowed[-1]
+
+
+def roc_auc(scores, labels) -> float:
+  """P(a flagged example outscores a benign one), ties counting half (the Mann-Whitney statistic)."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+  pos, neg = scores[labels], scores[~labels]
+  if not pos.size or not neg.size:
+    return float("nan")
+  return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
+               / (pos.size * neg.size))
+
+
+def resolve_path(path: str, data_config) -> str:
+  """`safety:<split>` -> a JSONL of that split's prompts (label 1 harmful, 0 benign) under the data dir,
+  rewritten when its content changed; any other path as given."""
+  if not path.startswith(SAFETY_PREFIX):
+    return path
+  from alignment.safety import data as safety_data
+  split = path[len(SAFETY_PREFIX):]
+  if split not in safety_data.SPLITS:
+    raise ValueError(f"{path!r}: expected one of {[SAFETY_PREFIX + s for s in safety_data.SPLITS]}")
+  rows = [{"prompt": r["prompt"], "label": int(r["label"] == "harmful")}
+          for r in safety_data.load_splits(data_config.seed)[split]]
+  out = os.path.join(data_dir(data_config), "safety", f"{split}_seed{data_config.seed}.jsonl")
+  text = "".join(json.dumps(r) + "\n" for r in rows)
+  if not (os.path.exists(out) and open(out, encoding="utf-8").read() == text):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + f".tmp{os.getpid()}", "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(out + f".tmp{os.getpid()}", out)
+  return out
+
+
+def calibration_scores(graphdef, params, batches, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(scores, labels) of every real slot of `batches` (global batches, every host the same)."""
+  fn = jax.jit(lambda p, b: example_scores(graphdef, p, b), out_shardings=replicated(mesh))
+  scores, labels = [], []
+  for batch in batches:
+    got = np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh))))
+    real = batch["example_mask"].astype(bool)
+    scores.append(got[real])
+    labels.append(batch["label"][real])
+  return np.concatenate(scores), np.concatenate(labels)
+
+
+def summarize(scores, labels, target_fpr: float) -> dict:
+  chosen = choose_threshold(scores, labels, target_fpr)
+  return {"threshold": chosen["threshold"], "target_fpr": target_fpr, "calibration/tpr": chosen["tpr"],
+          "calibration/fpr": chosen["fpr"], "calibration/auc": roc_auc(scores, labels),
+          "calibration/count": int(len(scores))}
+
+
+@registry.supervised("classifier")
+def build_task(config, mesh) -> Task:
+  from alignment.data import labelled
+  d = config.data
+  if not d.eval_path:
+    raise ValueError("config.data.eval_path: the classifier chooses its threshold on an eval split; give one "
+                     "(e.g. safety:calibration)")
+  model = setup_model(config.model, config.seed, reward_head=True)
+  sources = prepare_once_per_job(lambda: labelled.prepare_labelled(
+      resolve_path(d.train_path, d), resolve_path(d.eval_path, d), data_dir=data_dir(d), filters=data_filters(d)))
+  tokenizer, template, template_kwargs = tokenizer_and_template(d, model.tokenizer, config.model.name)
+  common = dict(tokenizer=tokenizer, template=template, template_kwargs=template_kwargs, seq_len=d.seq_len,
+                batch_size=config.train.batch_size, examples_per_row=d.examples_per_row,
+                max_length=d.max_length or None)
+  train = labelled.make_labelled_iterator(sources["train"], seed=d.seed, **common)
+  evaluate = lambda: labelled.make_labelled_iterator(sources["eval"], num_epochs=1, shuffle=False, **common)
+  graphdef = model.spec.graphdef
+  summarize_fn = lambda parts: summarize(*calibration_scores(graphdef, parts["classifier"], evaluate(), mesh),
+                                         config.classifier.target_fpr)
+  info = {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)}
+  return Task({"classifier": model.part(model_optimizer(config))}, make_loss_fn(graphdef), train, evaluate, info,
+              count_name="num_examples", summarize=summarize_fn)
+
+
+class Classifier(ScalarScorer):
+  """A trained classifier workdir: scores prompts (alone or with responses) and flags by its threshold.
+
+      clf = Classifier("workdirs/guard")
+      clf.score(["How do I pick a lock?"])              # float32 [1]
+      clf.flags(["..."], responses=["..."])             # bool [1]: score >= clf.threshold
+  """
+
+  def __init__(self, workdir, mesh=None):
+    super().__init__(workdir, "classifier", "classifier", mesh)
+    if "threshold" not in self.stats:
+      raise ValueError(f"{self.workdir}: the classifier run has not finished (no threshold saved)")
+    self.threshold = float(self.stats["threshold"])
+
+  def sequences(self, prompts, responses=None) -> list:
+    from alignment.data.labelled import fit, tokenize_example
+    max_length = self.config.data.max_length or self.config.data.seq_len
+    out = []
+    for i, prompt in enumerate(prompts):
+      messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+      response = None if responses is None else responses[i]
+      ids = tokenize_example(messages, response, self.tokenizer, self.template, **self.template_kwargs)
+      out.append(fit(ids, max_length)[0])
+    return out
+
+  def score(self, prompts, responses=None, batch_size: int = 8) -> np.ndarray:
+    """prompts: strings (one user turn) or message lists; responses: strings or None (prompts alone)."""
+    if responses is not None and len(responses) != len(prompts):
+      raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+    return self.score_ids(self.sequences(prompts, responses), batch_size)
+
+  def flags(self, prompts, responses=None, batch_size: int = 8) -> np.ndarray:
+    return self.score(prompts, responses, batch_size) >= self.threshold
+
+
+def main(argv) -> None:
+  from absl import flags
+  from alignment.safety import data as safety_data
+  split = flags.FLAGS.split
+  clf = Classifier(flags.FLAGS.workdir)
+  records = safety_data.load_splits(clf.config.data.seed)[split]
+  scores = clf.score([r["prompt"] for r in records], batch_size=flags.FLAGS.batch_size)
+  labels = np.asarray([r["label"] == "harmful" for r in records])
+  rows = threshold_table(scores, labels)
+  report = {"workdir": str(clf.workdir), "split": split, "threshold": clf.threshold,
+            "at_threshold": {"tpr": float((scores[labels] >= clf.threshold).mean()),
+                             "fpr": float((scores[~labels] >= clf.threshold).mean())},
+            "by_kind": {kind: float((scores[[r["kind"] == kind for r in records]] >= clf.threshold).mean())
+                        for kind in safety_data.KINDS if any(r["kind"] == kind for r in records)},
+            "auc": roc_auc(scores, labels), "table": rows[::max(1, len(rows) // flags.FLAGS.table_rows)]}
+  json.dump(report, sys.stdout, indent=2)
+  print()
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "a classifier run's workdir", required=True)
+  flags.DEFINE_enum("split", "held_out", ["train", "calibration", "held_out"], "which safety split to score")
+  flags.DEFINE_integer("batch_size", 16, "sequences a scoring batch")
+  flags.DEFINE_integer("table_rows", 20, "about how many rows of the threshold table to print")
+  app.run(main)

@@ -1,0 +1,72 @@
+"""The Guard: a trained safety classifier around a policy, checking what goes in and what comes out.
+
+    guard = Guard("workdirs/guard")                 # a classifier run's workdir (configs/classifier.py)
+    out = guard.respond(prompts, generate)          # generate(indices) -> responses to prompts[indices]
+    out.responses, out.stages                       # stage per prompt: "input", "output" or None
+    guard.reward(prompts, responses)                # float32 [N]: -1 where the output check flags, else 0
+
+The input check scores the prompt alone; a flagged prompt is refused before anything is generated. The
+output check scores the prompt with the policy's response; a flagged response is replaced by the
+refusal. Both compare the classifier's score with the threshold saved with it (chosen on the calibration
+split for a target false-positive rate). `python -m alignment.generate --guard=DIR` and
+`python -m alignment.evaluate --guard=DIR` run through it; the evaluate report counts what each stage
+blocked.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from alignment.safety.classifier import Classifier
+
+REFUSAL = "I can't help with that request."
+STAGES = ("input", "output")
+
+
+class Guarded(NamedTuple):
+  responses: list       # what the user gets: the policy's response, or the refusal
+  stages: list          # per prompt: the stage that blocked it ("input" | "output"), or None
+  scores: dict          # stage -> float32 [N] (NaN where that stage did not run)
+
+
+class Guard:
+
+  def __init__(self, workdir, mesh=None, *, refusal: str = REFUSAL, batch_size: int = 16):
+    self.classifier = Classifier(workdir, mesh)
+    self.refusal = refusal
+    self.batch_size = batch_size
+
+  @property
+  def threshold(self) -> float:
+    return self.classifier.threshold
+
+  def check_prompts(self, prompts: Sequence) -> np.ndarray:
+    """float32 [N] scores of the prompts alone (flagged where >= threshold)."""
+    return self.classifier.score(list(prompts), batch_size=self.batch_size)
+
+  def check_responses(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+    """float32 [N] scores of each prompt with its response."""
+    return self.classifier.score(list(prompts), list(responses), batch_size=self.batch_size)
+
+  def respond(self, prompts: Sequence, generate: Callable[[list], list]) -> Guarded:
+    """Input check, `generate(indices)` (the responses to `prompts[i]` for those indices) on the prompts
+    that pass it, output check (module docstring)."""
+    n = len(prompts)
+    scores = {stage: np.full(n, np.nan, np.float32) for stage in STAGES}
+    scores["input"] = self.check_prompts(prompts)
+    allowed = [i for i in range(n) if scores["input"][i] < self.threshold]
+    responses, stages = [self.refusal] * n, ["input"] * n
+    if allowed:
+      generated = generate(allowed)
+      out = self.check_responses([prompts[i] for i in allowed], generated)
+      for i, response, score in zip(allowed, generated, out):
+        scores["output"][i] = score
+        flagged = score >= self.threshold
+        responses[i], stages[i] = (self.refusal, "output") if flagged else (response, None)
+    return Guarded(responses, stages, scores)
+
+  def reward(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+    """An RL reward: -1 for a response the output check flags, 0 otherwise."""
+    return -(self.check_responses(prompts, responses) >= self.threshold).astype(np.float32)
