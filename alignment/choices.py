@@ -24,6 +24,7 @@ RATIO_LEVELS = ("token", "sequence")
 LONG_PROMPTS = ("truncate", "drop")
 VALUE_INITS = ("policy", "reward_model")
 DATA_FILTERS = ("quality", "exact_dedup", "near_dedup")
+CLASSIFIER_FEATURES = ("live", "cached")
 
 # dotted config key -> the values it may take (a key the config does not have is not checked)
 CONFIG_CHOICES = {
@@ -47,6 +48,7 @@ CONFIG_CHOICES = {
     "rl.ratio_level": ("",) + RATIO_LEVELS,
     "rl.long_prompts": LONG_PROMPTS,
     "rl.value_init": VALUE_INITS,
+    "classifier.features": CLASSIFIER_FEATURES,
 }
 
 

@@ -6,9 +6,10 @@ for `classifier.target_fpr` (alignment/safety/classifier.py).
   python -m alignment.main --config=configs/classifier.py:safety --workdir=workdirs/guard
   python -m alignment.safety.classifier --workdir=workdirs/guard --split=held_out
 
-Preset `safety`: SmolLM2-135M-Instruct's hidden states, the model frozen as loaded (only its final norm
-and the head learn), on the real-world safety prompts of `alignment.safety.data`: train on its train
-split, threshold on its calibration split; the held-out split is for the report.
+Preset `safety`: SmolLM2-135M-Instruct as loaded, its hidden states averaged at layers 6, 10, ..., 30 and
+computed once (`features='cached'`), a linear head trained on the real-world safety prompts of
+`alignment.safety.data`: train on its train split, threshold on its calibration split; the held-out
+split is for the report.
 """
 
 import os
@@ -32,13 +33,21 @@ def get_config(arg=None):
       seed=0,
       filters=common.data_filters(),
   )
-  c.classifier = dict(target_fpr=0.05)  # the calibration FPR the threshold allows
+  c.classifier = dict(
+      target_fpr=0.05,    # the calibration FPR the threshold allows
+      taps="1,2",         # the depths (layer counts) whose averaged hidden states the head reads
+      features="live",    # live: every step runs the backbone | cached (the whole backbone frozen:
+                          #   config.model.frozen_*): its features are computed once (kept in cache_dir)
+                          #   and only the head runs
+      cache_dir="",       # empty: ~/.cache/alignment/classifier_features
+  )
   if a.preset == "tiny":
     common.apply_preset(c, "tiny", lr=3e-3, steps=60, eval_every=30)
   else:
     common.apply_preset(c, "smollm2", lr=1e-3, steps=300, eval_every=100)
     c.data.train_path, c.data.eval_path = "safety:train", "safety:calibration"
     c.data.seq_len, c.data.examples_per_row, c.data.max_length = 512, 8, 512
+    c.classifier.taps, c.classifier.features = "6,10,14,18,22,26,30", "cached"
     c.model.frozen_layers, c.model.frozen_embeddings = 30, True
     c.train.batch_size = 4
   common.apply_run_args(c, a)

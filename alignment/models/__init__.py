@@ -12,10 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignment.models.config import PRESETS, ModelConfig, get_model_config
-from alignment.models.heads import RewardModel, ScalarHead
+from alignment.models.heads import PooledProbe, RewardModel, ScalarHead
 from alignment.models.transformer import Transformer
 
-__all__ = ["ModelConfig", "get_model_config", "PRESETS", "Transformer", "ScalarHead", "RewardModel", "init_model", "logits",
+__all__ = ["ModelConfig", "get_model_config", "PRESETS", "Transformer", "ScalarHead", "RewardModel", "PooledProbe", "init_model", "logits",
            "load", "NAMED_LOADERS", "PATH_LOADERS"]
 
 TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "assets" / "tiny_tokenizer.json"

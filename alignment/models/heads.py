@@ -38,3 +38,54 @@ class RewardModel(nnx.Module):
 
   def __call__(self, tokens, positions=None, segment_ids=None, *, prefix_ids=None) -> jax.Array:
     return self.head(self.backbone(tokens, positions, segment_ids, prefix_ids=prefix_ids))
+
+
+class PooledProbe(nnx.Module):
+  """A frozen decoder read by a linear head on its hidden states averaged over each sequence, at several
+  depths: packed rows -> float32 [R, K], one score per sequence slot (segment k + 1 of a row is slot k).
+
+  The feature of a sequence at tap L is the mean over its tokens of the residual stream after L layers,
+  each token's vector first scaled to unit RMS (no learned scale: the depths' scales differ by orders of
+  magnitude); the taps' features are concatenated. Linear probes on middle layers, averaged over the
+  tokens, separate what a request asks for better than the last token of the last layer (measured on
+  SmolLM2 and the safety splits: alignment/safety/classifier.py). `cfg.frozen_layers` and
+  `cfg.frozen_embeddings` freeze the backbone as in a Transformer (a probe proper freezes all of it).
+  Params: {'backbone': the Transformer's params, 'head': a ScalarHead over len(taps) * d_model features}.
+  """
+
+  def __init__(self, cfg, taps, *, rngs: nnx.Rngs):
+    self.taps = tuple(int(t) for t in taps)
+    if not self.taps or list(self.taps) != sorted(set(self.taps)) or not 1 <= self.taps[0] <= self.taps[-1] <= cfg.n_layers:
+      raise ValueError(f"probe taps {taps}: expected increasing layer counts in 1..{cfg.n_layers}")
+    self.backbone = Transformer(cfg, rngs=rngs)
+    self.head = self.make_head(cfg, self.taps, rngs)
+
+  @staticmethod
+  def make_head(cfg, taps, rngs: nnx.Rngs) -> ScalarHead:
+    return ScalarHead(cfg.d_model * len(taps), rngs=rngs, param_dtype=cfg.param_dtype)
+
+  def features(self, tokens, positions, segment_ids, slots: int) -> jax.Array:
+    """float32 [R, slots, len(taps) * D] (zeros for an empty slot)."""
+    from alignment.models import transformer as tfm
+    backbone = self.backbone
+    cfg = backbone.cfg
+    table = jax.lax.stop_gradient(backbone.embed[...]) if cfg.frozen_embeddings else backbone.embed[...]
+    x = tfm.embed(cfg, table, tokens)
+    ctx = tfm.context(cfg, positions, segment_ids)
+    n = cfg.frozen_layers
+    weights = jax.tree.map(lambda a: jnp.concatenate([jax.lax.stop_gradient(a[:n]), a[n:]]) if n else a,
+                           backbone._layer_weights())
+    member = (segment_ids[..., None] == jnp.arange(1, slots + 1)).astype(jnp.float32)  # [R, T, K]
+    count = jnp.maximum(member.sum(axis=1), 1.0)[..., None]
+    out, start = [], 0
+    for tap in self.taps:
+      x, _ = tfm.apply_layers(cfg, x, jax.tree.map(lambda a: a[start:tap], weights), ctx,
+                              cfg.layer_is_local[start:tap])
+      start = tap
+      h = x.astype(jnp.float32)
+      h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.rms_eps)
+      out.append(jnp.einsum("rtd,rtk->rkd", h, member) / count)
+    return jnp.concatenate(out, axis=-1)
+
+  def __call__(self, tokens, positions, segment_ids, slots: int) -> jax.Array:
+    return self.head(self.features(tokens, positions, segment_ids, slots))

@@ -401,6 +401,8 @@ def apply_layers(cfg: ModelConfig, x, weights, ctx, flags, caches=None):
   weights inside a loop would copy them every step)."""
   if caches is not None:
     return _apply_cached(cfg, x, weights, ctx, flags, caches)
+  if not len(flags):  # no layer (above a trunk that holds them all)
+    return x, None
   if not cfg.scan_layers:
     for i, is_local in enumerate(flags):
       fn = _remat(cfg, functools.partial(layer, cfg, is_local=is_local))

@@ -1,13 +1,17 @@
-"""A safety classifier: a scalar head on SmolLM2's hidden states, read at a sequence's last token.
+"""A safety classifier: a linear head on SmolLM2's hidden states, averaged over each sequence at several depths.
 
     python -m alignment.main --config=configs/classifier.py:safety --workdir=workdirs/guard
     python -m alignment.safety.classifier --workdir=workdirs/guard --split=held_out   # the threshold table
 
 `config.algorithm = "classifier"`, run by the supervised loop: labelled prompts and prompt-response pairs
 (`alignment.data.labelled`; the `safety:train` / `safety:calibration` paths are `alignment.safety.data`'s
-splits), logistic loss on the score at each sequence's last token. With `config.model.frozen_layers`
-equal to the model's depth and its embedding frozen, the backbone is SmolLM2 as loaded and only the
-final norm and the head learn.
+splits), logistic loss on one score per sequence. The model is a `models.PooledProbe`: the backbone (as
+loaded and frozen, `config.model.frozen_*`, in the safety preset), its residual stream after each of `config.classifier.taps` layers scaled to unit RMS
+per token and averaged over the sequence, a linear head on the concatenation. Why those features, on the
+safety splits (a logistic probe per choice, threshold at 5% calibration FPR, held-out TPR / FPR): the last
+token of the last layer 0.97 / 0.27 (it flags edgy and over-refusal requests); the mean at layer 18 alone
+0.96 / 0.06; the means at layers 6, 10, ..., 30 together 0.97 / 0.05. With `features='cached'` (a
+frozen backbone) the features are computed once and only the head runs each step.
 
 At the end of training the eval split (the calibration set) is scored and the threshold is chosen
 there: the lowest score threshold whose false-positive rate on the calibration set's benign examples is
@@ -18,6 +22,7 @@ flags the text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -32,16 +37,42 @@ from alignment.train import registry
 from alignment.train.model import setup_model
 from alignment.train.optim import model_optimizer
 from alignment.train.rm import ScalarScorer
-from alignment.train.task import (Task, data_dir, data_filters, filter_info, prepare_once_per_job,
-                                  tokenizer_and_template)
+from alignment.train import state as state_lib
+from alignment.train.task import (Task, WithColumns, cached_table, data_dir, data_filters, filter_info,
+                                  prepare_once_per_job, tokenizer_and_template)
 
 SAFETY_PREFIX = "safety:"  # `config.data.train_path` / `eval_path` naming a split of `alignment.safety.data`
 
 
+def probe_taps(config) -> tuple:
+  """`config.classifier.taps` ('6,18,30') as a tuple of layer counts."""
+  try:
+    return tuple(int(t) for t in str(config.classifier.taps).split(",") if t.strip())
+  except ValueError:
+    raise ValueError(f"config.classifier.taps={config.classifier.taps!r}: expected a comma list of layer "
+                     f"counts") from None
+
+
+def setup_probe(config):
+  """The classifier's model (`models.PooledProbe` on `config.model`), set up without weights."""
+  return setup_model(config.model, config.seed, probe_taps=probe_taps(config))
+
+
 def example_scores(graphdef, params, batch):
-  """float32 [R, K]: each slot's score at its sequence's last token."""
-  scores = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
-  return jnp.take_along_axis(scores, batch["end"], axis=1)
+  """float32 [R, K]: each slot's score."""
+  return nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                     batch["end"].shape[1])
+
+
+def example_features(graphdef, params, batch):
+  """float32 [R, K, F]: each slot's pooled hidden states (what the head reads)."""
+  return nnx.merge(graphdef, params).features(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                              batch["end"].shape[1])
+
+
+def head_scores(graphdef, params, features):
+  """The scores of features [..., F]."""
+  return nnx.merge(graphdef, params).head(features)
 
 
 def logistic_loss(scores, labels):
@@ -50,12 +81,17 @@ def logistic_loss(scores, labels):
   return jnp.where(labels > 0, jax.nn.softplus(-scores), jax.nn.softplus(scores))
 
 
-def make_loss_fn(graphdef):
-  """(parts, batch, rng) -> (summed logistic loss over real slots, (slot count, {'accuracy': sum}))."""
+def make_loss_fn(graphdef, cached: bool = False):
+  """(parts, batch, rng) -> (summed logistic loss over real slots, (slot count, {'accuracy': sum})). With
+  `cached`, the batch carries the slots' features (`features` [R, K, F]) and only the head runs."""
 
   def loss_fn(parts, batch, rng):
     del rng
-    scores = example_scores(graphdef, parts["classifier"], batch)
+    params = parts["classifier"]
+    if cached:
+      scores = head_scores(graphdef, params, batch["features"])
+    else:
+      scores = example_scores(graphdef, params, batch)
     labels = batch["label"].astype(jnp.float32)
     weight = batch["example_mask"].astype(jnp.float32)
     correct = ((scores >= 0) == (labels > 0)).astype(jnp.float32)
@@ -138,7 +174,7 @@ def build_task(config, mesh) -> Task:
   if not d.eval_path:
     raise ValueError("config.data.eval_path: the classifier chooses its threshold on an eval split; give one "
                      "(e.g. safety:calibration)")
-  model = setup_model(config.model, config.seed, reward_head=True)
+  model = setup_probe(config)
   sources = prepare_once_per_job(lambda: labelled.prepare_labelled(
       resolve_path(d.train_path, d), resolve_path(d.eval_path, d), data_dir=data_dir(d), filters=data_filters(d)))
   tokenizer, template, template_kwargs = tokenizer_and_template(d, model.tokenizer, config.model.name)
@@ -151,8 +187,57 @@ def build_task(config, mesh) -> Task:
   summarize_fn = lambda parts: summarize(*calibration_scores(graphdef, parts["classifier"], evaluate(), mesh),
                                          config.classifier.target_fpr)
   info = {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)}
-  return Task({"classifier": model.part(model_optimizer(config))}, make_loss_fn(graphdef), train, evaluate, info,
-              count_name="num_examples", summarize=summarize_fn)
+  cached = config.classifier.features == "cached"
+  task = Task({"classifier": model.part(model_optimizer(config))}, make_loss_fn(graphdef, cached), train, evaluate,
+              info, count_name="num_examples", summarize=summarize_fn)
+  if cached:
+    tables = feature_tables(config, model, sources, common, mesh)
+    task.train_data = with_features(train, tables["train"])
+    task.eval_data = lambda: with_features(evaluate(), tables["eval"])
+  return task
+
+
+def feature_tables(config, model, sources, iterator_args, mesh) -> dict:
+  """{split: float32 [records, F]}: each record's features (the frozen backbone's pooled hidden states),
+  computed once and kept under `config.classifier.cache_dir`, keyed by the model, the data and the settings."""
+  from alignment.data import labelled
+  from alignment.train.dpo import params_fingerprint
+  from alignment.train.preference import source_fingerprint
+  cfg, d = model.cfg, config.data
+  if cfg.frozen_layers != cfg.n_layers or not cfg.frozen_embeddings:
+    raise ValueError(f"config.classifier.features='cached' needs the whole backbone frozen: config.model."
+                     f"frozen_layers={cfg.frozen_layers} (the model has {cfg.n_layers}) and frozen_embeddings="
+                     f"{cfg.frozen_embeddings}")
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  params = model.load_params(state_lib.param_shardings(model.spec, mesh, rules))
+  fn = jax.jit(lambda p, b: example_features(model.spec.graphdef, p, b), out_shardings=replicated(mesh))
+  width = model.cfg.d_model * len(probe_taps(config))
+  cache_dir = config.classifier.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "alignment",
+                                                           "classifier_features")
+  tables = {}
+  for split, source in sources.items():
+
+    def compute(source=source):
+      table = np.zeros((len(source), width), np.float32)
+      for batch in labelled.make_labelled_iterator(source, num_epochs=1, shuffle=False, **iterator_args):
+        out = np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh))))
+        real = batch["example_mask"].astype(bool)
+        table[batch["index"][real]] = out[real]
+      return table
+
+    key = json.dumps(dict(model=params_fingerprint(params), data=source_fingerprint(source), taps=probe_taps(config),
+                          max_length=d.max_length, seq_len=d.seq_len, template=d.chat_template,
+                          tokenizer=d.tokenizer), sort_keys=True)
+    path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy")
+    with jax.set_mesh(mesh):
+      tables[split] = cached_table(path, (len(source), width), compute)
+  return tables
+
+
+def with_features(iterator, table):
+  """`iterator`'s batches with `features` [R, K, F] looked up by record index (zeros in empty slots)."""
+  return WithColumns(iterator, lambda batch: {
+      "features": table[np.maximum(batch["index"], 0)] * batch["example_mask"][..., None].astype(np.float32)})
 
 
 class Classifier(ScalarScorer):
@@ -164,10 +249,18 @@ class Classifier(ScalarScorer):
   """
 
   def __init__(self, workdir, mesh=None):
-    super().__init__(workdir, "classifier", "classifier", mesh)
+    super().__init__(workdir, "classifier", "classifier", mesh, setup=setup_probe)
     if "threshold" not in self.stats:
       raise ValueError(f"{self.workdir}: the classifier run has not finished (no threshold saved)")
     self.threshold = float(self.stats["threshold"])
+
+  @staticmethod
+  def batch_scores(graphdef, params, batch):
+    return nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"], 1)
+
+  @staticmethod
+  def read(scores, row: int, length: int) -> float:
+    return scores[row, 0]
 
   def sequences(self, prompts, responses=None) -> list:
     from alignment.data.labelled import fit, tokenize_example

@@ -26,7 +26,7 @@ from alignment.train import registry
 from alignment.train import state as state_lib
 from alignment.train.model import setup_model
 from alignment.train.optim import model_optimizer
-from alignment.train.task import Task
+from alignment.train.task import Task, WithColumns, cached_table
 
 
 def completion_positions(loss_mask, capacity: int):
@@ -173,52 +173,34 @@ def reference_logps_cache(path: str, graphdef, ref_params, batches, num_pairs: i
   cache does not depend on the number of hosts. Pairs the length rule drops stay 0 (they never reach a
   batch).
   """
-  if os.path.exists(path):
-    cached = np.load(path)
-    if cached.shape == (num_pairs, 2):
-      return cached
   fn = jax.jit(lambda p, b: sequence_logps(graphdef, p, b, impl=impl, pairs_per_row=pairs_per_row,
                                            logit_capacity=logit_capacity), out_shardings=replicated(mesh))
-  table = np.full((num_pairs, 2), np.nan, np.float32)
-  for batch in batches:
-    out = jax.device_get(fn(ref_params, shard_batch(batch, mesh)))
-    real = batch["pair_mask"].astype(bool)
-    index = batch["pair_index"][real]
-    table[index, 0], table[index, 1] = out["chosen"][real], out["rejected"][real]
-  kept = batches.stats["pairs"] - batches.stats["dropped"]  # pairs the length rule drops never reach a batch
-  covered = int((~np.isnan(table[:, 0])).sum())
-  if covered != kept:
-    raise ValueError(f"reference pass covered {covered} pairs; the data pipeline kept {kept} of {num_pairs}")
-  table = np.nan_to_num(table)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.npy"  # per process: hosts sharing a filesystem write the same table
-  np.save(tmp, table)
-  os.replace(tmp, path)  # never leaves a half-written cache behind
-  return table
+
+  def compute():
+    table = np.full((num_pairs, 2), np.nan, np.float32)
+    for batch in batches:
+      out = jax.device_get(fn(ref_params, shard_batch(batch, mesh)))
+      real = batch["pair_mask"].astype(bool)
+      index = batch["pair_index"][real]
+      table[index, 0], table[index, 1] = out["chosen"][real], out["rejected"][real]
+    kept = batches.stats["pairs"] - batches.stats["dropped"]  # pairs the length rule drops never reach a batch
+    covered = int((~np.isnan(table[:, 0])).sum())
+    if covered != kept:
+      raise ValueError(f"reference pass covered {covered} pairs; the data pipeline kept {kept} of {num_pairs}")
+    return np.nan_to_num(table)
+
+  return cached_table(path, (num_pairs, 2), compute)
 
 
-class WithCachedReference:
-  """Wraps a preference iterator: adds `ref_chosen_logps`/`ref_rejected_logps` [R, P] from the cache."""
+def with_cached_reference(iterator, table: np.ndarray):
+  """`iterator`'s batches with `ref_chosen_logps`/`ref_rejected_logps` [R, P] from the cache."""
 
-  def __init__(self, iterator, table: np.ndarray):
-    self.iterator, self.table = iterator, table
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = dict(next(self.iterator))
+  def add(batch):
     index = np.maximum(batch["pair_index"], 0)
     real = batch["pair_mask"].astype(np.float32)
-    batch["ref_chosen_logps"] = self.table[index, 0] * real
-    batch["ref_rejected_logps"] = self.table[index, 1] * real
-    return batch
+    return {"ref_chosen_logps": table[index, 0] * real, "ref_rejected_logps": table[index, 1] * real}
 
-  def get_state(self):
-    return self.iterator.get_state()
-
-  def set_state(self, state):
-    self.iterator.set_state(state)
+  return WithColumns(iterator, add)
 
 
 @registry.supervised("dpo")
@@ -254,7 +236,7 @@ def build_task(config, mesh) -> Task:
                                               pairs_per_row=d.pairs_per_row, logit_capacity=capacity)
       task.info[f"reference_cache/{split}"] = path
     del ref_params
-    task.train_data = WithCachedReference(data.train, tables["train"])
+    task.train_data = with_cached_reference(data.train, tables["train"])
     if data.eval is not None:
-      task.eval_data = lambda: WithCachedReference(data.eval(), tables["eval"])
+      task.eval_data = lambda: with_cached_reference(data.eval(), tables["eval"])
   return task

@@ -26,11 +26,12 @@ class ModelSetup(NamedTuple):
     return state_lib.Part(self.spec, self.load_params, optimizer)
 
 
-def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelSetup:
+def setup_model(model_config, seed: int, *, reward_head: bool = False, probe_taps: tuple = ()) -> ModelSetup:
   """Random init for a preset shape (e.g. 'tiny-random'); otherwise weights from `models.load`.
 
   Compute dtype, remat and scan come from `config.model` either way. With `reward_head` the module
-  is a `models.RewardModel` (params {'backbone', 'head'}); a loaded backbone gets a fresh head.
+  is a `models.RewardModel`, with `probe_taps` a `models.PooledProbe` reading those depths (params
+  {'backbone', 'head'} either way); a loaded backbone gets a fresh head.
   """
   runtime = dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype,
                  remat=model_config.remat, scan_layers=model_config.scan_layers,
@@ -41,15 +42,16 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelS
     cfg = models.get_model_config(model_config.name, **runtime)
     if model_config.name in models.NAMED_LOADERS:  # the preset's own tokenizer, e.g. tiny-random's
       tokenizer = models.load(model_config.name)[1]
-    make = _module(cfg, reward_head)
+    make = _module(cfg, reward_head, probe_taps)
     load_params = lambda shardings: state_lib.init_params(make, seed, shardings)
   else:
     loaded, tokenizer = models.load(model_config.name, dtype=model_config.param_dtype)
     cfg = dataclasses.replace(loaded.cfg, **runtime)
-    make = _module(cfg, reward_head)
+    make = _module(cfg, reward_head, probe_taps)
     host_params = nnx.state(loaded, nnx.Param).to_pure_dict()
-    if reward_head:
-      head = models.ScalarHead(cfg.d_model, rngs=nnx.Rngs(seed), param_dtype=cfg.param_dtype)
+    if reward_head or probe_taps:
+      head = (models.PooledProbe.make_head(cfg, probe_taps, nnx.Rngs(seed)) if probe_taps else
+              models.ScalarHead(cfg.d_model, rngs=nnx.Rngs(seed), param_dtype=cfg.param_dtype))
       host_params = {"backbone": host_params, "head": nnx.state(head, nnx.Param).to_pure_dict()}
     # A fresh host copy per call: on CPU device_put may alias the numpy buffer, and the policy and a
     # frozen reference loaded from one host tree would then be one buffer, donated twice.
@@ -57,7 +59,9 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False) -> ModelS
   return ModelSetup(cfg, state_lib.model_spec(make), load_params, tokenizer)
 
 
-def _module(cfg, reward_head: bool):
+def _module(cfg, reward_head: bool, probe_taps: tuple = ()):
+  if probe_taps:
+    return lambda rngs: models.PooledProbe(cfg, probe_taps, rngs=rngs)
   cls = models.RewardModel if reward_head else models.Transformer
   return lambda rngs: cls(cfg, rngs=rngs)
 

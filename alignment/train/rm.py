@@ -6,6 +6,7 @@ reward mean and std are saved with the checkpoint (PPO normalises rewards with t
 `RewardScorer` loads a trained workdir and scores (prompt, completion) pairs.
 """
 
+import functools
 import json
 
 import jax
@@ -72,14 +73,16 @@ def build_task(config, mesh) -> Task:
               data.train, data.eval, dict(data.info), count_name="num_pairs", summarize=summarize)
 
 
-def scalar_model_run(workdir, algorithm: str = "rm") -> tuple:
-  """(resolved workdir, its config, its model set up without weights) of a run of `algorithm` (a scalar
-  head: 'rm', 'classifier'); another algorithm's workdir is refused naming it."""
+def scalar_model_run(workdir, algorithm: str = "rm", setup=None) -> tuple:
+  """(resolved workdir, its config, its model set up without weights: `setup(config)`, by default a reward
+  model) of a run of `algorithm` (a scalar head: 'rm', 'classifier'); another algorithm's workdir is
+  refused naming it."""
   workdir = workdir_lib.resolve(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   if config.algorithm != algorithm:
     raise ValueError(f"{workdir}/config.json: algorithm is {config.algorithm!r}, not {algorithm!r}")
-  return workdir, config, setup_model(config.model, config.seed, reward_head=True)
+  model = setup(config) if setup else setup_model(config.model, config.seed, reward_head=True)
+  return workdir, config, model
 
 
 def reward_model_run(workdir) -> tuple:
@@ -94,8 +97,8 @@ class ScalarScorer:
   """The latest checkpoint of a scalar-head run (a reward model, a classifier): scores token sequences
   at their last token, one sequence a row, the sequences sorted by length so that a batch pads little."""
 
-  def __init__(self, workdir, algorithm: str, entry: str, mesh=None):
-    workdir, self.config, model = scalar_model_run(workdir, algorithm)
+  def __init__(self, workdir, algorithm: str, entry: str, mesh=None, setup=None):
+    workdir, self.config, model = scalar_model_run(workdir, algorithm, setup)
     self.workdir = workdir
     self.mesh = mesh or make_mesh({"data": -1})
     self.tokenizer, self.template, self.template_kwargs = tokenizer_and_template(
@@ -109,9 +112,17 @@ class ScalarScorer:
       raise ValueError(f"{workdir}/checkpoints: no checkpoint to score with") from None
     self.step = step
     self.stats = checkpoint.restore_meta(directory, step).get("summary", {})
-    self._scores = jax.jit(lambda p, b: nnx.merge(model.spec.graphdef, p)(b["inputs"], b["positions"],
-                                                                          b["segment_ids"]),
+    self._scores = jax.jit(functools.partial(self.batch_scores, model.spec.graphdef),
                            out_shardings=replicated(self.mesh))
+
+  @staticmethod
+  def batch_scores(graphdef, params, batch):
+    """float32 [R, T]: the scores of one-sequence rows at every position (the last token's is read)."""
+    return nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+
+  @staticmethod
+  def read(scores, row: int, length: int) -> float:
+    return scores[row, length - 1]
 
   def score_ids(self, sequences, batch_size: int = 8) -> np.ndarray:
     """Token id lists -> float32 [N], each sequence's score at its last token."""
@@ -130,7 +141,7 @@ class ScalarScorer:
       batch = shard_batch(dict(inputs=inputs, positions=positions, segment_ids=segments), self.mesh)
       scores = np.asarray(jax.device_get(self._scores(self.params, batch)))
       for row, i in enumerate(chunk):
-        out[i] = scores[row, len(sequences[i]) - 1]
+        out[i] = self.read(scores, row, len(sequences[i]))
     return out
 
 

@@ -5,6 +5,7 @@ import os
 from typing import Any, Callable, Dict, Iterable, Optional, Protocol
 
 import jax
+import numpy as np
 
 from alignment.train.state import Part
 
@@ -73,3 +74,40 @@ def tokenizer_and_template(data_config, model_tokenizer, model_name: str):
     template = getattr(tokenizer, "chat_template", None) or chat.load_template()
   bos = getattr(tokenizer, "bos_token", None)
   return tokenizer, template, ({"bos_token": bos} if bos else {})
+
+
+def cached_table(path: str, shape: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+  """The float32 array of `shape` saved at `path`, else `compute()` saved there first (through a file of this
+  process renamed into place: never half-written, and hosts sharing a filesystem may write the same one)."""
+  if os.path.exists(path):
+    cached = np.load(path)
+    if cached.shape == tuple(shape):
+      return cached
+  table = np.asarray(compute(), np.float32)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}.npy"
+  np.save(tmp, table)
+  os.replace(tmp, path)
+  return table
+
+
+class WithColumns:
+  """A resumable iterator whose batches get more features: `add(batch) -> {name: array}` (looked up on the
+  host, e.g. from a cached table by record index); its position is the wrapped iterator's."""
+
+  def __init__(self, iterator, add: Callable[[dict], dict]):
+    self.iterator, self.add = iterator, add
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self.iterator))
+    batch.update(self.add(batch))
+    return batch
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
