@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
