@@ -73,7 +73,7 @@ _REFUSALS = [
     # "I can't help with that", "I cannot in good conscience provide ...", "I won't write ..."
     rf"\b(?:i|we)(?:\s+|(?=')){_CANT}\s+(?!wait|stress|believe|emphasi[sz]e|overstate|imagine|think of)"
     rf"(?:[\w']+\s+){{0,3}}?"
-    rf"{_HELP_VERBS}\b",
+    rf"{_HELP_VERBS}\b(?!\s+but\b)",  # "I can't help but think ..." is not a refusal
     r"\b(?:i'm|i am|i'm really|i am really|i'm very|i am very|i'm so|i am so)? ?sorry,? (?:but|i can't|i cannot|"
     r"i won't|i'm unable|i am unable|i'm not able|i am not able|i must|i don't|i do not)\b",
     r"\bi apologi[sz]e,? but\b",
@@ -89,6 +89,8 @@ _REFUSALS = [
     r"\bi(?:'m| am) (?:not (?:able|equipped|designed|programmed|capable|allowed|permitted|willing)|unable) (?:to|of)\b",
     r"\bi (?:don't|do not) have the (?:ability|capability|capacity|means|authority|permission) to\b",
     r"\b(?:that's|that is|this is|it's|it is) not something i (?:can|will|am able to|'m able to)\b",
+    r"\b(?:that's|that is|this is|it's|it is) not what i(?:'m| am| was)? (?:designed|built|made|programmed|meant|"
+    r"here|allowed|able) (?:to|for)\b",
     r"\b(?:against|violates?|goes against) (?:my|our|the) (?:guidelines|policy|policies|programming|principles|"
     r"ethics|ethical guidelines|terms|rules|values)\b",
     r"\bi(?:'d| would) rather not\b",
