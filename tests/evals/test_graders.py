@@ -1,5 +1,8 @@
 """The gym's graders on hand-labelled responses (the tricky ones named in the issue included), and summaries."""
 
+import json
+import os
+
 import pytest
 
 from alignment.evals import graders
@@ -411,3 +414,16 @@ REAL = [
 def test_real_small_model_outputs(probe, response, expected):
   probe = {"prompt": "(see the gym)", **probe}
   assert graders.grade(probe, response) == expected
+
+
+def test_is_refusal_agrees_with_hand_labels_of_smollm2_outputs():
+  """SmolLM2-135M-Instruct's greedy answers (64 tokens) to 100 prompts of the safety calibration split, with
+  and without a safety system turn, read and labelled by hand (refusal: it declines what was asked). Of the
+  200, the 22 refusals and 32 of the answers that come close (deflections, "I'm not here to judge",
+  "I'm not a doctor, but...", benign answers) are kept here. Before the patterns for SmolLM2's own ways
+  of declining, the grader found 16 of the 22 (precision 1.0, recall 0.73 over all 200)."""
+  path = os.path.join(os.path.dirname(__file__), "..", "fixtures", "refusals_smollm2.jsonl")
+  rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+  wrong = [(r["refusal"], r["response"][:120]) for r in rows if graders.is_refusal(r["response"]) != r["refusal"]]
+  assert not wrong
+  assert sum(r["refusal"] for r in rows) == 22
