@@ -44,11 +44,11 @@ def get_config(arg=None):
   if a.preset == "tiny":
     common.apply_preset(c, "tiny", lr=3e-3, steps=60, eval_every=30)
   else:
-    common.apply_preset(c, "smollm2", lr=1e-3, steps=300, eval_every=100)
+    common.apply_preset(c, "smollm2", lr=3e-3, steps=150, eval_every=75)
     c.data.train_path, c.data.eval_path = "safety:train", "safety:calibration"
     c.data.seq_len, c.data.examples_per_row, c.data.max_length = 512, 8, 512
     c.classifier.taps, c.classifier.features = "6,10,14,18,22,26,30", "cached"
     c.model.frozen_layers, c.model.frozen_embeddings = 30, True
-    c.train.batch_size = 4
+    c.train.batch_size = 8
   common.apply_run_args(c, a)
   return c

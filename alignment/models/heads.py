@@ -40,6 +40,22 @@ class RewardModel(nnx.Module):
     return self.head(self.backbone(tokens, positions, segment_ids, prefix_ids=prefix_ids))
 
 
+class StandardizedHead(nnx.Module):
+  """features [..., F] -> float32 [...]: a ScalarHead on (features - shift) * scale, where shift and scale are
+  fixed statistics of the training features (set once, never trained: no gradient reaches them).
+
+  Params: {'shift' [F], 'scale' [F] (0 and 1 until set), 'linear': the ScalarHead's}."""
+
+  def __init__(self, features: int, *, rngs: nnx.Rngs, param_dtype="float32"):
+    self.shift = nnx.Param(jnp.zeros((features,), param_dtype), out_sharding=(None,), eager_sharding=False)
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=(None,), eager_sharding=False)
+    self.linear = ScalarHead(features, rngs=rngs, param_dtype=param_dtype)
+
+  def __call__(self, features: jax.Array) -> jax.Array:
+    shift, scale = (jax.lax.stop_gradient(p[...].astype(jnp.float32)) for p in (self.shift, self.scale))
+    return self.linear((features.astype(jnp.float32) - shift) * scale)
+
+
 class PooledProbe(nnx.Module):
   """A frozen decoder read by a linear head on its hidden states averaged over each sequence, at several
   depths: packed rows -> float32 [R, K], one score per sequence slot (segment k + 1 of a row is slot k).
@@ -50,7 +66,7 @@ class PooledProbe(nnx.Module):
   tokens, separate what a request asks for better than the last token of the last layer (measured on
   SmolLM2 and the safety splits: alignment/safety/classifier.py). `cfg.frozen_layers` and
   `cfg.frozen_embeddings` freeze the backbone as in a Transformer (a probe proper freezes all of it).
-  Params: {'backbone': the Transformer's params, 'head': a ScalarHead over len(taps) * d_model features}.
+  Params: {'backbone': the Transformer's params, 'head': a StandardizedHead over len(taps) * d_model features}.
   """
 
   def __init__(self, cfg, taps, *, rngs: nnx.Rngs):
@@ -61,8 +77,8 @@ class PooledProbe(nnx.Module):
     self.head = self.make_head(cfg, self.taps, rngs)
 
   @staticmethod
-  def make_head(cfg, taps, rngs: nnx.Rngs) -> ScalarHead:
-    return ScalarHead(cfg.d_model * len(taps), rngs=rngs, param_dtype=cfg.param_dtype)
+  def make_head(cfg, taps, rngs: nnx.Rngs) -> nnx.Module:
+    return StandardizedHead(cfg.d_model * len(taps), rngs=rngs, param_dtype=cfg.param_dtype)
 
   def features(self, tokens, positions, segment_ids, slots: int) -> jax.Array:
     """float32 [R, slots, len(taps) * D] (zeros for an empty slot)."""

@@ -71,7 +71,7 @@ def example_features(graphdef, params, batch):
 
 
 def head_scores(graphdef, params, features):
-  """The scores of features [..., F]."""
+  """The scores of features [..., F] (standardized by the head, then its linear map)."""
   return nnx.merge(graphdef, params).head(features)
 
 
@@ -148,9 +148,12 @@ def resolve_path(path: str, data_config) -> str:
   return out
 
 
-def calibration_scores(graphdef, params, batches, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """(scores, labels) of every real slot of `batches` (global batches, every host the same)."""
-  fn = jax.jit(lambda p, b: example_scores(graphdef, p, b), out_shardings=replicated(mesh))
+def calibration_scores(graphdef, params, batches, mesh, cached: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(scores, labels) of every real slot of `batches` (global batches, every host the same); with `cached`,
+  from the features the batches carry."""
+  score = (lambda p, b: head_scores(graphdef, p, b["features"])) if cached else (
+      lambda p, b: example_scores(graphdef, p, b))
+  fn = jax.jit(score, out_shardings=replicated(mesh))
   scores, labels = [], []
   for batch in batches:
     got = np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh))))
@@ -184,17 +187,38 @@ def build_task(config, mesh) -> Task:
   train = labelled.make_labelled_iterator(sources["train"], seed=d.seed, **common)
   evaluate = lambda: labelled.make_labelled_iterator(sources["eval"], num_epochs=1, shuffle=False, **common)
   graphdef = model.spec.graphdef
-  summarize_fn = lambda parts: summarize(*calibration_scores(graphdef, parts["classifier"], evaluate(), mesh),
-                                         config.classifier.target_fpr)
-  info = {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)}
   cached = config.classifier.features == "cached"
-  task = Task({"classifier": model.part(model_optimizer(config))}, make_loss_fn(graphdef, cached), train, evaluate,
-              info, count_name="num_examples", summarize=summarize_fn)
+  part = model.part(model_optimizer(config))
   if cached:
     tables = feature_tables(config, model, sources, common, mesh)
-    task.train_data = with_features(train, tables["train"])
-    task.eval_data = lambda: with_features(evaluate(), tables["eval"])
+    train, eval_data = with_features(train, tables["train"]), lambda: with_features(evaluate(), tables["eval"])
+    part = part._replace(load=standardized(part.load, tables["train"]))
+  else:
+    eval_data = evaluate
+  task = Task({"classifier": part}, make_loss_fn(graphdef, cached), train, eval_data,
+              {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)},
+              count_name="num_examples")
+  task.summarize = lambda parts: summarize(*calibration_scores(graphdef, parts["classifier"], eval_data(), mesh,
+                                                               cached), config.classifier.target_fpr)
   return task
+
+
+def standardized(load, train_features: np.ndarray):
+  """`load` (shardings -> params) with the head's shift and scale set to the training features' mean and
+  1 / std: the depths' features differ in scale by orders of magnitude (a few residual dimensions carry
+  most of a token's norm), and a linear head trained on them raw flagged 16% of held-out benign prompts
+  against 5% on the calibration set."""
+  mean = train_features.mean(axis=0)
+  scale = 1.0 / (train_features.std(axis=0) + 1e-6)
+
+  def load_standardized(shardings):
+    params = load(shardings)
+    head = params["head"]
+    place = lambda value, like: jax.device_put(value.astype(like.dtype), like.sharding)
+    params["head"] = {**head, "shift": place(mean, head["shift"]), "scale": place(scale, head["scale"])}
+    return params
+
+  return load_standardized
 
 
 def feature_tables(config, model, sources, iterator_args, mesh) -> dict:
@@ -283,29 +307,64 @@ class Classifier(ScalarScorer):
     return self.score(prompts, responses, batch_size) >= self.threshold
 
 
+TARGETS = (0.01, 0.02, 0.05, 0.1)
+
+
+def threshold_report(calibration: tuple, split: tuple, kinds, saved: float) -> dict:
+  """The threshold table: for each calibration FPR target, the threshold chosen on the calibration
+  (scores, labels) and the TPR / FPR it gives there and on `split` (scores, labels); with the flag rate
+  per source kind at the saved threshold and each split's ROC AUC."""
+  (cal_scores, cal_labels), (scores, labels) = calibration, split
+  rate = lambda mask, t: float((scores[mask] >= t).mean()) if mask.any() else float("nan")
+  rows = []
+  for target in TARGETS:
+    chosen = choose_threshold(cal_scores, cal_labels, target)
+    rows.append({"target_fpr": target, "threshold": chosen["threshold"], "calibration_tpr": chosen["tpr"],
+                 "calibration_fpr": chosen["fpr"], "tpr": rate(labels, chosen["threshold"]),
+                 "fpr": rate(~labels, chosen["threshold"])})
+  kinds = np.asarray(kinds)
+  return {"saved_threshold": saved, "table": rows,
+          "flagged_by_kind": {k: rate(kinds == k, saved) for k in dict.fromkeys(kinds.tolist())},
+          "auc": {"calibration": roc_auc(cal_scores, cal_labels), "split": roc_auc(scores, labels)}}
+
+
+def format_report(report: dict) -> str:
+  lines = [f"{'calibration FPR target':>22s} {'threshold':>9s} {'cal TPR':>8s} {'cal FPR':>8s} "
+           f"{'TPR':>6s} {'FPR':>6s}"]
+  for r in report["table"]:
+    lines.append(f"{r['target_fpr']:>22.0%} {r['threshold']:>9.3f} {r['calibration_tpr']:>8.1%} "
+                 f"{r['calibration_fpr']:>8.1%} {r['tpr']:>6.1%} {r['fpr']:>6.1%}")
+  flagged = ", ".join(f"{k} {v:.1%}" for k, v in report["flagged_by_kind"].items())
+  lines.append(f"flagged at the saved threshold ({report['saved_threshold']:.3f}): {flagged}")
+  lines.append(f"ROC AUC: calibration {report['auc']['calibration']:.4f}, this split {report['auc']['split']:.4f}")
+  return "\n".join(lines)
+
+
 def main(argv) -> None:
   from absl import flags
   from alignment.safety import data as safety_data
-  split = flags.FLAGS.split
-  clf = Classifier(flags.FLAGS.workdir)
-  records = safety_data.load_splits(clf.config.data.seed)[split]
-  scores = clf.score([r["prompt"] for r in records], batch_size=flags.FLAGS.batch_size)
-  labels = np.asarray([r["label"] == "harmful" for r in records])
-  rows = threshold_table(scores, labels)
-  report = {"workdir": str(clf.workdir), "split": split, "threshold": clf.threshold,
-            "at_threshold": {"tpr": float((scores[labels] >= clf.threshold).mean()),
-                             "fpr": float((scores[~labels] >= clf.threshold).mean())},
-            "by_kind": {kind: float((scores[[r["kind"] == kind for r in records]] >= clf.threshold).mean())
-                        for kind in safety_data.KINDS if any(r["kind"] == kind for r in records)},
-            "auc": roc_auc(scores, labels), "table": rows[::max(1, len(rows) // flags.FLAGS.table_rows)]}
-  json.dump(report, sys.stdout, indent=2)
-  print()
+  F = flags.FLAGS
+  clf = Classifier(F.workdir)
+  splits = safety_data.load_splits(clf.config.data.seed)
+
+  def scored(name):
+    records = splits[name]
+    return (clf.score([r["prompt"] for r in records], batch_size=F.batch_size),
+            np.asarray([r["label"] == "harmful" for r in records]))
+
+  report = threshold_report(scored("calibration"), scored(F.split), [r["kind"] for r in splits[F.split]],
+                            clf.threshold)
+  report.update(workdir=str(clf.workdir), split=F.split)
+  print(format_report(report))
+  if F.output:
+    with open(F.output, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "a classifier run's workdir", required=True)
-  flags.DEFINE_enum("split", "held_out", ["train", "calibration", "held_out"], "which safety split to score")
+  flags.DEFINE_enum("split", "held_out", ["train", "calibration", "held_out"], "which safety split to report on")
   flags.DEFINE_integer("batch_size", 16, "sequences a scoring batch")
-  flags.DEFINE_integer("table_rows", 20, "about how many rows of the threshold table to print")
+  flags.DEFINE_string("output", "", "also write the report as JSON here")
   app.run(main)

@@ -296,3 +296,39 @@ def test_cached_features_need_the_whole_backbone_frozen(tmp_path):
   assert err.strip().splitlines()[-1] == ("error: config.classifier.features='cached' needs the whole backbone "
                                           "frozen: config.model.frozen_layers=1 (the model has 2) and "
                                           "frozen_embeddings=False")
+
+
+def test_safety_paths_write_the_splits_prompts_with_their_labels(tmp_path):
+  import ml_collections
+  from alignment.safety import data as safety_data
+  d = ml_collections.ConfigDict(dict(data_dir=str(tmp_path), seed=0))
+  path = clf_lib.resolve_path("safety:calibration", d)
+  rows = labelled.read_examples(path)
+  want = safety_data.load_splits(0)["calibration"]
+  assert [r["messages"][0]["content"] for r in rows] == [w["prompt"] for w in want]
+  assert [r["label"] for r in rows] == [int(w["kind"] in safety_data.HARMFUL_KINDS) for w in want]
+  assert all(r["response"] is None for r in rows)
+  before = os.path.getmtime(path)
+  assert clf_lib.resolve_path("safety:calibration", d) == path and os.path.getmtime(path) == before  # unchanged
+  assert clf_lib.resolve_path("/some/file.jsonl", d) == "/some/file.jsonl"
+  with pytest.raises(ValueError, match="'safety:test': expected one of"):
+    clf_lib.resolve_path("safety:test", d)
+
+
+def test_the_threshold_report_applies_calibration_thresholds_to_the_split():
+  rng = np.random.default_rng(1)
+  cal_labels, labels = rng.random(400) < 0.5, rng.random(300) < 0.5
+  cal, split = rng.normal(cal_labels * 2.0, 1.0), rng.normal(labels * 2.0 - 0.3, 1.0)  # shifted: FPR rises
+  kinds = np.where(labels, "harmful", np.where(rng.random(300) < 0.5, "edgy", "everyday"))
+  report = clf_lib.threshold_report((cal, cal_labels), (split, labels), kinds.tolist(), saved=1.0)
+  for row in report["table"]:
+    neg = np.sort(cal[~cal_labels])[::-1]
+    k = int(np.floor(row["target_fpr"] * len(neg) + 1e-9))  # benign calibration scores allowed at or above
+    above = np.sort(cal[cal > neg[k]])  # the lowest calibration score above the (k+1)-th highest benign one
+    assert row["threshold"] == above[0]
+    assert row["calibration_fpr"] == pytest.approx((neg >= row["threshold"]).mean())
+    assert row["tpr"] == pytest.approx((split[labels] >= row["threshold"]).mean())
+    assert row["fpr"] == pytest.approx((split[~labels] >= row["threshold"]).mean())
+  assert report["flagged_by_kind"]["edgy"] == pytest.approx((split[kinds == "edgy"] >= 1.0).mean())
+  assert sorted(report["flagged_by_kind"]) == ["edgy", "everyday", "harmful"]
+  assert "calibration FPR target" in clf_lib.format_report(report)
