@@ -333,11 +333,13 @@ def test_every_value_outside_its_choices_is_named_before_anything_runs():
     config = sft_config.get_config("tiny")
     config.optim.schedule = name
     learning_rate_schedule(config.optim, 10)
+  from configs import classifier as classifier_config
   from configs import dpo as dpo_config
   from configs import grpo as grpo_config
   for key in choices.CONFIG_CHOICES:
     config = (dpo_config.get_config("tiny") if key.startswith(("dpo.", "data.")) else
-              grpo_config.get_config("tiny") if key.startswith("rl.") else sft_config.get_config("tiny"))
+              grpo_config.get_config("tiny") if key.startswith("rl.") else
+              classifier_config.get_config("tiny") if key.startswith("classifier.") else sft_config.get_config("tiny"))
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
