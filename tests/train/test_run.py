@@ -82,7 +82,7 @@ def test_a_workdir_of_another_algorithm_is_refused_and_keeps_its_config(tmp_path
 
 
 def test_unknown_algorithm_names_the_known_ones():
-  with pytest.raises(ValueError, match=r"config.algorithm='ppo_typo'; expected one of \['dpo', 'grpo', 'ppo', 'rm', 'sft'"):
+  with pytest.raises(ValueError, match=r"config.algorithm='ppo_typo'; expected one of \['classifier', 'dpo', 'grpo', 'ppo', 'rm', 'sft'"):
     registry.get("ppo_typo")
   assert registry.get("sft") is registry.get("sft")
 
