@@ -38,7 +38,8 @@ from alignment.data import packing
 from alignment.data.chat import render_chat
 from alignment.data.pipeline import BatchIterator, records
 from alignment.data.preference_pipeline import tokenize_sequence
-from alignment.data.sft import (LocalJsonlBuilder, _normalise, _text, conversation_text, fingerprint,
+from alignment.data.preference import validate_messages
+from alignment.data.sft import (LocalJsonlBuilder, _text, conversation_text, fingerprint,
                                 prepare_builder, read_jsonl, resolve_inputs)
 
 FORMAT_VERSION = "labelled-v1"
@@ -61,10 +62,7 @@ def parse_example(row, where: str) -> dict:
     raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
   label = _label(row, where)
   if "messages" in row:
-    # sft's checks of each turn, which also want an assistant turn somewhere: one is added, then dropped
-    turns = row["messages"] if isinstance(row["messages"], list) else None
-    messages = _normalise({"messages": (turns or []) + [{"role": "assistant", "content": ""}]} if turns else row,
-                          where)[:-1]
+    messages = validate_messages(row["messages"], f"{where}: messages")
     if messages[-1]["role"] == "assistant":
       return {"messages": messages[:-1], "response": messages[-1]["content"], "label": label}
     return {"messages": messages, "response": None, "label": label}

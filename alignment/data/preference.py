@@ -120,7 +120,7 @@ def parse_hh(row: Mapping, where: str) -> Pair:
 
 def parse_ultrafeedback(row: Mapping, where: str) -> Pair:
   _require(row, where, {"prompt": str, "chosen": list, "rejected": list}, "an UltraFeedback row")
-  sides = {key: _messages(row[key], f"{where}: '{key}'") for key in ("chosen", "rejected")}
+  sides = {key: validate_messages(row[key], f"{where}: '{key}'") for key in ("chosen", "rejected")}
   for key, messages in sides.items():
     if messages[-1]["role"] != "assistant":
       raise ValueError(f"{where}: '{key}' must end with the assistant's message (the completion), "
@@ -145,7 +145,7 @@ def parse_generic(row: Mapping, where: str) -> Pair:
   if isinstance(prompt, str):
     prompt = [{"role": "user", "content": prompt}]
   else:
-    prompt = _messages(prompt, f"{where}: 'prompt'")
+    prompt = validate_messages(prompt, f"{where}: 'prompt'")
     if prompt[-1]["role"] == "assistant":
       raise ValueError(f"{where}: 'prompt' must not end with an assistant message (the completions follow it)")
   margin = _number(row, "margin", where)
@@ -213,7 +213,8 @@ def _require(row: Mapping, where: str, types: Mapping, what: str) -> None:
       raise ValueError(f"{where}: '{key}' must be {names}, got {type(row[key]).__name__}")
 
 
-def _messages(messages, where: str) -> list[dict[str, str]]:
+def validate_messages(messages, where: str) -> list[dict[str, str]]:
+  """A JSON list of {role, content} turns, checked and normalised, or ValueError naming `where`[j] and the key."""
   if not isinstance(messages, list) or not messages:
     raise ValueError(f"{where} must be a non-empty list of {{role, content}} messages")
   out = []

@@ -6,12 +6,13 @@
 `config.algorithm = "classifier"`, run by the supervised loop: labelled prompts and prompt-response pairs
 (`alignment.data.labelled`; the `safety:train` / `safety:calibration` paths are `alignment.safety.data`'s
 splits), logistic loss on one score per sequence. The model is a `models.PooledProbe`: the backbone (as
-loaded and frozen, `config.model.frozen_*`, in the safety preset), its residual stream after each of `config.classifier.taps` layers scaled to unit RMS
-per token and averaged over the sequence, a linear head on the concatenation. Why those features, on the
-safety splits (a logistic probe per choice, threshold at 5% calibration FPR, held-out TPR / FPR): the last
-token of the last layer 0.97 / 0.27 (it flags edgy and over-refusal requests); the mean at layer 18 alone
-0.96 / 0.06; the means at layers 6, 10, ..., 30 together 0.97 / 0.05. With `features='cached'` (a
-frozen backbone) the features are computed once and only the head runs each step.
+loaded and frozen, `config.model.frozen_*`, in the safety preset), its residual stream after each of
+`config.classifier.taps` layers scaled to unit RMS per token and averaged over the sequence, standardized,
+a linear head on the concatenation. Why those features, on the safety splits (a logistic probe per choice,
+threshold at 5% calibration FPR, held-out TPR / FPR): the last token of the last layer 0.97 / 0.27 (it
+flags edgy and over-refusal requests); the mean at layer 18 alone 0.96 / 0.06; this preset 0.98 / 0.12
+(README). With `features='cached'` (a frozen backbone) the features are computed once and only the head
+runs each step.
 
 At the end of training the eval split (the calibration set) is scored and the threshold is chosen
 there: the lowest score threshold whose false-positive rate on the calibration set's benign examples is
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -235,7 +235,8 @@ def feature_tables(config, model, sources, iterator_args, mesh) -> dict:
   rules = tuple(tuple(r) for r in config.sharding.rules)
   params = model.load_params(state_lib.param_shardings(model.spec, mesh, rules))
   fn = jax.jit(lambda p, b: example_features(model.spec.graphdef, p, b), out_shardings=replicated(mesh))
-  width = model.cfg.d_model * len(probe_taps(config))
+  taps, model_fp = probe_taps(config), params_fingerprint(params)
+  width = model.cfg.d_model * len(taps)
   cache_dir = config.classifier.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "alignment",
                                                            "classifier_features")
   tables = {}
@@ -249,7 +250,7 @@ def feature_tables(config, model, sources, iterator_args, mesh) -> dict:
         table[batch["index"][real]] = out[real]
       return table
 
-    key = json.dumps(dict(model=params_fingerprint(params), data=source_fingerprint(source), taps=probe_taps(config),
+    key = json.dumps(dict(model=model_fp, data=source_fingerprint(source), taps=taps,
                           max_length=d.max_length, seq_len=d.seq_len, template=d.chat_template,
                           tokenizer=d.tokenizer), sort_keys=True)
     path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:24] + ".npy")
