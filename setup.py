@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="JAX-native alignment research: SFT, reward modeling, DPO, PPO and GRPO on a sharded mesh.",
     packages=find_packages(include=["alignment", "alignment.*", "configs"]),
-    package_data={"alignment": ["data/assets/*", "evals/assets/*", "safety/assets/*"]},
+    package_data={"alignment": ["data/assets/*", "evals/assets/*", "safety/assets/*"],
+                  "configs": ["constitutions/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -18,6 +19,7 @@ setup(
         "grain>=0.2.12",
         "tokenizers>=0.21",
         "jinja2>=3.1",
+        "pyyaml>=6.0",        # constitutions (alignment.safety.constitution)
         "numpy>=1.26",
         "gguf>=0.16",
         "safetensors>=0.5",

@@ -151,11 +151,51 @@ def generate_responses(cfg: ModelConfig, params, tokenizer, prompt_ids: Sequence
 
 
 @functools.lru_cache(maxsize=8)
-def _kl_fn(cfg: ModelConfig, impl: str):
+def _graphdef(cfg: ModelConfig):
   # The graph only (params come sharded, or not, from the caller), built outside any ambient mesh, whose
   # axes are not the params' logical names.
   with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: _transformer(cfg)))
+    return nnx.graphdef(nnx.eval_shape(lambda: _transformer(cfg)))
+
+
+@functools.lru_cache(maxsize=8)
+def _logprob_fn(cfg: ModelConfig, impl: str):
+  graphdef = _graphdef(cfg)
+
+  def logprobs(params, tokens):
+    model = nnx.merge(graphdef, params)
+    hidden = model(tokens)
+    stats = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.unembed_matrix(),
+                           jnp.roll(tokens, -1, axis=1).reshape(-1), impl=impl)
+    return stats.logprobs.reshape(tokens.shape)
+
+  return jax.jit(logprobs)
+
+
+def sequence_token_logprobs(cfg: ModelConfig, params, sequences: Sequence[Sequence[int]], starts: Sequence[int], *,
+                            batch_size: int = 16, pad_multiple: int = 64, impl: str = "auto") -> list[np.ndarray]:
+  """Teacher-forced log-probabilities: per sequence, float32 [len - start] holding log p(token t | the
+  tokens before t) for t = start, ..., len - 1 (start >= 1). Sequences run `batch_size` at a time,
+  right-padded to a multiple of `pad_multiple` (a causal model's outputs before the padding do not see it)."""
+  if any(not 1 <= s <= len(q) for q, s in zip(sequences, starts)):
+    raise ValueError("sequence_token_logprobs: every start must be in [1, len(sequence)]")
+  fn = _logprob_fn(cfg, impl)
+  out: list[np.ndarray | None] = [None] * len(sequences)
+  rows = min(batch_size, len(sequences))
+  for index in _length_batches([len(q) for q in sequences], rows):
+    width = -(-max(len(sequences[i]) for i in index) // pad_multiple) * pad_multiple
+    tokens = np.zeros((rows, width), np.int32)
+    for row, i in enumerate(index):
+      tokens[row, :len(sequences[i])] = sequences[i]
+    got = np.asarray(fn(params, jnp.asarray(tokens)))
+    for row, i in enumerate(index):  # position t - 1 predicts token t
+      out[i] = got[row, starts[i] - 1:len(sequences[i]) - 1].copy()
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _kl_fn(cfg: ModelConfig, impl: str):
+  graphdef = _graphdef(cfg)
 
   def kl(params, ref_params, tokens, mask):
     def forward(p):

@@ -261,18 +261,23 @@ def stop_and_pad_ids(tokenizer) -> tuple[tuple[int, ...], int]:
   return (() if eos is None else (eos,)), (pad if pad is not None else (eos if eos is not None else 0))
 
 
-def encode_chat(tokenizer, prompts: Sequence[str], *, system: str | None = None, raw: bool = False) -> list[list[int]]:
-  """Prompt strings -> token id lists: one user turn (after an optional system turn) in the tokenizer's
-  chat template with the generation prompt, or the raw text when `raw` or the tokenizer has no template."""
+def encode_chat(tokenizer, prompts: Sequence, *, system: str | None = None, raw: bool = False) -> list[list[int]]:
+  """Prompts -> token id lists ending where the assistant's next turn begins. A prompt is a string (one
+  user turn) or a conversation (a list of {role, content} messages ending before the assistant's turn);
+  an optional system turn goes first. In the tokenizer's chat template with the generation prompt; a
+  string prompt is the raw text when `raw` or the tokenizer has no template."""
   template = getattr(tokenizer, "chat_template", None)
   out = []
   for prompt in prompts:
-    if raw or template is None:
+    if isinstance(prompt, str) and (raw or template is None):
       out.append(tokenizer.encode(prompt).ids)
-    else:
-      messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-      out.append(tokenizer.encode(text, add_special_tokens=False).ids)
+      continue
+    if template is None:
+      raise ValueError("a conversation prompt needs a chat template; this tokenizer has none")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = ([{"role": "system", "content": system}] if system else []) + messages
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    out.append(tokenizer.encode(text, add_special_tokens=False).ids)
   return out
 
 
