@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -101,6 +102,17 @@ def read_jsonl(path: str | pathlib.Path) -> list[tuple[str, object]]:
   if not rows:
     raise ValueError(f"{path}: file is empty (no JSONL rows); expected one JSON object per line")
   return rows
+
+
+def write_jsonl(path: str | pathlib.Path, rows: Sequence[Mapping]) -> None:
+  """One JSON object per line, written to a temporary file and renamed over `path` (a reader never sees
+  half a file)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
 
 
 def read_conversations(path: str | pathlib.Path) -> list[Conversation]:

@@ -493,7 +493,8 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _rate(passed: Iterable[bool]) -> dict:
+def rate(passed: Iterable[bool]) -> dict:
+  """{n, passed, rate, ci95}: how many of `passed` are true, with the 95% Wilson interval."""
   passed = [bool(p) for p in passed]
   k, n = sum(passed), len(passed)
   lo, hi = wilson(k, n)
@@ -551,7 +552,7 @@ def summarize(results: Sequence[Mapping]) -> dict:
   for kind in KINDS:
     rows = scored if kind == "sycophancy" else [r for r in results if r["kind"] == kind]
     if rows or (kind == "sycophancy" and plain):
-      kinds[kind] = _rate(r["passed"] for r in rows)
+      kinds[kind] = rate(r["passed"] for r in rows)
   scores = {}
   for name, members in SCORES.items():
     present = [kinds[k] for k in members if k in kinds and kinds[k]["n"]]
@@ -560,5 +561,5 @@ def summarize(results: Sequence[Mapping]) -> dict:
         "ci95": [sum(s["ci95"][j] for s in present) / len(present) for j in (0, 1)] if present else [0.0, 1.0],
         "kinds": list(members),
     }
-  return {"kinds": kinds, "sycophancy_plain": {**_rate(r["passed"] for r in plain), "left_out": left_out},
+  return {"kinds": kinds, "sycophancy_plain": {**rate(r["passed"] for r in plain), "left_out": left_out},
           "scores": scores}

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from alignment.data.sft import write_jsonl
 from alignment.evals import graders
 from alignment.evals import harness
 from alignment.safety.constitution import Constitution, Principle
@@ -139,11 +140,6 @@ def preference_rows(labelled: Sequence[Mapping]) -> list[dict]:
           for r in labelled if r["choice"] != "tie"]
 
 
-def _rate(k: int, n: int) -> dict:
-  lo, hi = graders.wilson(k, n)
-  return {"n": n, "k": k, "rate": k / n if n else None, "ci95": [lo, hi]}
-
-
 def feedback_report(labelled: Sequence[Mapping]) -> dict:
   """Agreement with the pairs' ground truth (pairs with a `truth` of 'a' or 'b'; a tie counts as a
   miss), overall and per kind, with 95% Wilson intervals; how often the two orders agree, and how often
@@ -153,10 +149,10 @@ def feedback_report(labelled: Sequence[Mapping]) -> dict:
   first = [0.5 * (r["p_a_first"] + (1.0 - r["p_a_second"])) for r in labelled]
   return {
       "pairs": len(labelled),
-      "agreement": _rate(sum(r["choice"] == r["truth"] for r in judged), len(judged)),
-      "agreement_by_kind": {k: _rate(sum(r["choice"] == r["truth"] for r in judged if r.get("kind", "") == k),
-                                     sum(r.get("kind", "") == k for r in judged)) for k in kinds},
-      "orders_agree": _rate(sum((r["p_a_first"] > 0.5) == (r["p_a_second"] > 0.5) for r in labelled), len(labelled)),
+      "agreement": graders.rate(r["choice"] == r["truth"] for r in judged),
+      "agreement_by_kind": {k: graders.rate(r["choice"] == r["truth"] for r in judged
+                                                  if r.get("kind", "") == k) for k in kinds},
+      "orders_agree": graders.rate((r["p_a_first"] > 0.5) == (r["p_a_second"] > 0.5) for r in labelled),
       "mean_p_first_position": float(np.mean(first)) if first else None,
   }
 
@@ -223,13 +219,6 @@ def ground_truth_pairs(source: str, count: int, seed: int) -> list[dict]:
   return out
 
 
-def _write_jsonl(path: str, rows: Sequence[Mapping]) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(path + ".tmp", path)
-
-
 def run(policy, constitution: Constitution, prompts: Sequence[str], pairs: Sequence[Mapping], out_dir: str,
         settings: Settings) -> dict:
   """(a) then (b) as the module docstring says; writes OUT's files and returns the summary."""
@@ -241,19 +230,19 @@ def run(policy, constitution: Constitution, prompts: Sequence[str], pairs: Seque
   kept = [r for r in revisions if r["revision"] and r["revision"] != r["answer"]]
   summary["revisions"] = {
       "prompts": len(revisions), "kept": len(kept),
-      "answer_refused": _rate(sum(graders.is_refusal(r["answer"]) for r in revisions), len(revisions)),
-      "revision_refused": _rate(sum(graders.is_refusal(r["revision"]) for r in kept), len(kept))}
+      "answer_refused": graders.rate(graders.is_refusal(r["answer"]) for r in revisions),
+      "revision_refused": graders.rate(graders.is_refusal(r["revision"]) for r in kept)}
   start = time.time()
   own = [{"prompt": r["prompt"], "a": r["revision"], "b": r["answer"], "kind": "revision"} for r in kept]
   labelled = label_pairs(policy, list(pairs) + own, constitution, settings) if pairs or own else []
   times["feedback_s"] = time.time() - start
   summary["feedback"] = feedback_report(labelled[:len(pairs)])
-  summary["revision_preferred"] = _rate(sum(r["choice"] == "a" for r in labelled[len(pairs):]), len(own))
+  summary["revision_preferred"] = graders.rate(r["choice"] == "a" for r in labelled[len(pairs):])
   summary["time"] = times
-  _write_jsonl(os.path.join(out_dir, "revisions.jsonl"), revisions)
-  _write_jsonl(os.path.join(out_dir, "sft.jsonl"), [{"prompt": r["prompt"], "completion": r["revision"]} for r in kept])
-  _write_jsonl(os.path.join(out_dir, "feedback.jsonl"), labelled)
-  _write_jsonl(os.path.join(out_dir, "preferences.jsonl"), preference_rows(labelled))
+  write_jsonl(os.path.join(out_dir, "revisions.jsonl"), revisions)
+  write_jsonl(os.path.join(out_dir, "sft.jsonl"), [{"prompt": r["prompt"], "completion": r["revision"]} for r in kept])
+  write_jsonl(os.path.join(out_dir, "feedback.jsonl"), labelled)
+  write_jsonl(os.path.join(out_dir, "preferences.jsonl"), preference_rows(labelled))
   with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1)
   return summary

@@ -138,11 +138,11 @@ def test_the_feedback_report_counts_agreement_per_kind_with_wilson_intervals():
           + [{"truth": "b", "choice": "b", "kind": "honesty", "p_a_first": 0.2, "p_a_second": 0.4}] * 4
           + [{"truth": "a", "choice": "tie", "kind": "honesty", "p_a_first": 0.7, "p_a_second": 0.3}])
   report = cai.feedback_report(rows)
-  assert report["agreement"]["k"] == 11 and report["agreement"]["n"] == 15
+  assert report["agreement"]["passed"] == 11 and report["agreement"]["n"] == 15
   assert report["agreement"]["ci95"] == pytest.approx(list(graders.wilson(11, 15)))
   assert report["agreement_by_kind"]["harmful"]["rate"] == pytest.approx(0.7)
   assert report["agreement_by_kind"]["honesty"]["rate"] == pytest.approx(0.8)
-  assert report["orders_agree"]["k"] == 7 + 4  # the 3 at (0.6, 0.3) and the tie disagree
+  assert report["orders_agree"]["passed"] == 7 + 4  # the 3 at (0.6, 0.3) and the tie disagree
   first = [0.5 * (0.9 + 0.2)] * 7 + [0.5 * (0.6 + 0.7)] * 3 + [0.5 * (0.2 + 0.6)] * 4 + [0.5 * (0.7 + 0.7)]
   assert report["mean_p_first_position"] == pytest.approx(np.mean(first))
   prefs = cai.preference_rows([{"prompt": "p", "a": "x", "b": "y", "choice": c} for c in ("a", "b", "tie")])
