@@ -30,10 +30,12 @@ setup(
         "gcsfs>=2024.2",      # what etils.epath reads and writes gs:// with (orbax's arrays go through TensorStore)
         "math-verify>=0.7",   # the `math` reward: final answers compared as expressions (alignment.rl.rewards)
         "datasketch>=1.6",    # MinHash LSH for near-duplicate removal (alignment.data.filters)
+        "fastapi>=0.115",     # the OpenAI-compatible server (alignment.serve)
+        "uvicorn>=0.30",
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0",
-                 "gcp-storage-emulator>=2024.1"],
+                 "gcp-storage-emulator>=2024.1", "openai>=1.40"],
         "bench": ["torch==2.13.0", "transformers>=4.50", "accelerate>=1.0", "trl>=1.0", "datasets>=3.0"],
     },
 )

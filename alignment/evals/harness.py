@@ -151,7 +151,7 @@ def generate_responses(cfg: ModelConfig, params, tokenizer, prompt_ids: Sequence
 
 
 @functools.lru_cache(maxsize=8)
-def _graphdef(cfg: ModelConfig):
+def transformer_graphdef(cfg: ModelConfig):
   # The graph only (params come sharded, or not, from the caller), built outside any ambient mesh, whose
   # axes are not the params' logical names.
   with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
@@ -160,7 +160,7 @@ def _graphdef(cfg: ModelConfig):
 
 @functools.lru_cache(maxsize=8)
 def _logprob_fn(cfg: ModelConfig, impl: str):
-  graphdef = _graphdef(cfg)
+  graphdef = transformer_graphdef(cfg)
 
   def logprobs(params, tokens):
     model = nnx.merge(graphdef, params)
@@ -195,7 +195,7 @@ def sequence_token_logprobs(cfg: ModelConfig, params, sequences: Sequence[Sequen
 
 @functools.lru_cache(maxsize=8)
 def _kl_fn(cfg: ModelConfig, impl: str):
-  graphdef = _graphdef(cfg)
+  graphdef = transformer_graphdef(cfg)
 
   def kl(params, ref_params, tokens, mask):
     def forward(p):

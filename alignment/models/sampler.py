@@ -95,18 +95,55 @@ def process_logits(logits: jax.Array, s: SamplingConfig) -> jax.Array:
 
 
 def _choose(logprobs: jax.Array, s: SamplingConfig, rng) -> jax.Array:
-  """A token per row: the argmax, or a draw by inverse CDF: one uniform a row against the running sum of
-  the probabilities (a Gumbel draw, `jax.random.categorical`, needs a random number per vocabulary entry:
-  ~5x the time on a CPU at V = 49152, 32 rows). Token j is drawn when cdf[j-1] <= u < cdf[j], so a token
-  of probability 0 never is."""
+  """A token per row: the argmax, or a draw by inverse CDF (`_draw`)."""
   if s.greedy:
     return jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+  return _draw(logprobs, jax.random.uniform(rng, (logprobs.shape[0], 1), jnp.float32))
+
+
+def _draw(logprobs: jax.Array, u: jax.Array) -> jax.Array:
+  """A draw per row by inverse CDF from uniforms u [B, 1]: u against the running sum of the probabilities
+  (a Gumbel draw, `jax.random.categorical`, needs a random number per vocabulary entry: ~5x the time on a
+  CPU at V = 49152, 32 rows). Token j is drawn when cdf[j-1] <= u < cdf[j], so a token of probability 0
+  never is."""
   probs = jnp.exp(logprobs)
   cdf = jnp.cumsum(probs, axis=-1)
-  u = jax.random.uniform(rng, (probs.shape[0], 1), jnp.float32) * cdf[:, -1:]
-  drawn = jnp.sum(cdf <= u, axis=-1)
+  drawn = jnp.sum(cdf <= u * cdf[:, -1:], axis=-1)
   last = probs.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)  # (u rounding up to the total)
   return jnp.minimum(drawn, last).astype(jnp.int32)
+
+
+class RowSampling(NamedTuple):
+  """Sampling settings per prompt, as arrays, so prompts that want different ones share one compiled
+  sampler (the server's batches): greedy [B] bool, temperature [B] float32 (> 0 where not greedy),
+  top_p [B] float32 in (0, 1], seed [B] uint32. A row's draws depend on its seed and position only,
+  never on the other rows of its batch."""
+  greedy: jax.Array
+  temperature: jax.Array
+  top_p: jax.Array
+  seed: jax.Array
+
+
+def _top_p_rows(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """`process_logits`'s nucleus filter with a top_p per row (1.0 keeps every token)."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  keep = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _pick_rows(logits: jax.Array, rows: RowSampling, t) -> tuple[jax.Array, jax.Array]:
+  """(token [B], its log-probability under the row's sampling distribution) at decode position t."""
+  plain = jax.nn.log_softmax(logits, axis=-1)
+  scaled = logits / jnp.where(rows.greedy, 1.0, rows.temperature)[:, None]
+  scaled = jax.lax.cond(jnp.any(rows.top_p < 1.0), _top_p_rows, lambda x, _: x, scaled, rows.top_p)
+  sampled = jax.nn.log_softmax(scaled, axis=-1)
+  keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), t))(rows.seed)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32))(keys)
+  token = jnp.where(rows.greedy, jnp.argmax(plain, axis=-1).astype(jnp.int32), _draw(sampled, u))
+  logprobs = jnp.where(rows.greedy[:, None], plain, sampled)
+  return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +204,8 @@ def _on_every_device(mesh, flag):
   return jax.shard_map(agree, mesh=mesh, in_specs=P(), out_specs=P())(flag)
 
 
-def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tokens, lengths, rng) -> Samples:
+def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tokens, lengths, rng,
+              limits=None, rows: RowSampling | None = None) -> Samples:
   B, Pw = tokens.shape
   N = s.max_new_tokens
   S = Pw + N
@@ -180,8 +218,10 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tok
     cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
   unembed = _unembed_rows(cfg, params)
 
-  def pick(h, rng):
+  def pick(h, rng, t):
     logits = jnp.einsum("bd,vd->bv", h.astype(_F32), unembed.astype(_F32))
+    if rows is not None:
+      return _pick_rows(logits, rows, t)
     logprobs = process_logits(logits, s)
     token = _choose(logprobs, s, rng)
     return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
@@ -191,17 +231,21 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tok
   if group_size > 1:  # each prompt was prefilled once; its G samples continue from copies of its cache
     B = B * group_size
     h, key_valid, lengths = (jnp.repeat(a, group_size, axis=0) for a in (h, key_valid, lengths))
+    limits = None if limits is None else jnp.repeat(limits, group_size, axis=0)
+    rows = None if rows is None else jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), rows)
     cache = jax.tree.map(lambda c: jnp.repeat(c, group_size, axis=1), cache)
     cache_sharding = _cache_sharding(mesh, B, cfg.n_kv_heads)
     if cache_sharding is not None:
       cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
   rng, step_rng = jax.random.split(rng)
-  token, logprob = pick(h, step_rng)
+  token, logprob = pick(h, step_rng, 0)
   eos = jnp.asarray(s.eos_ids or (-1,), jnp.int32)
   out = Samples(tokens=jnp.full((B, N), s.pad_id, jnp.int32).at[:, 0].set(token),
                 logprobs=jnp.zeros((B, N), _F32).at[:, 0].set(logprob),
                 mask=jnp.zeros((B, N), jnp.int32).at[:, 0].set(1), lengths=jnp.ones((B,), jnp.int32))
   done = jnp.isin(token, eos)
+  if limits is not None:  # a row also stops once it has its own number of tokens
+    done = done | (limits <= 1)
 
   # Decode unrolled over layers, on per-layer weights and caches split once here.
   layers = _decode_weights(cfg, params)
@@ -218,7 +262,7 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tok
     h, caches = forward_cached(cfg, params, layers, token[:, None], (lengths + t - 1)[:, None], slot, key_valid,
                                caches)
     rng, step_rng = jax.random.split(rng)
-    new, logprob = pick(h, step_rng)
+    new, logprob = pick(h, step_rng, t)
     live = ~done
     new = jnp.where(live, new, s.pad_id)
     out = Samples(tokens=out.tokens.at[:, t].set(new),
@@ -226,6 +270,8 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tok
                   mask=out.mask.at[:, t].set(live.astype(jnp.int32)),
                   lengths=out.lengths + live.astype(jnp.int32))
     done = done | jnp.isin(new, eos)
+    if limits is not None:
+      done = done | (t + 1 >= limits)
     return t + 1, new, caches, key_valid, done, out, rng
 
   state = (jnp.int32(1), token, caches, key_valid, done, out, rng)
@@ -234,7 +280,12 @@ def _generate(cfg: ModelConfig, s: SamplingConfig, mesh, group_size, params, tok
 
 @functools.lru_cache(maxsize=32)
 def make_sampler(cfg: ModelConfig, sampling: SamplingConfig, mesh=None, group_size: int = 1, out_sharding=None):
-  """-> jitted fn(params, tokens [B, P] left-padded, lengths [B], rng) -> Samples of B * group_size rows.
+  """-> jitted fn(params, tokens [B, P] left-padded, lengths [B], rng[, limits]) -> Samples of B * group_size rows.
+
+  `limits` (int32 [B], optional): per prompt, the most tokens its rows generate (at most
+  max_new_tokens), so requests that want different lengths share one compiled sampler; `rows`
+  (`RowSampling`, optional) replaces `sampling`'s greedy / temperature / top_p / top_k and `rng` with
+  settings per prompt, for the same reason.
 
   With `group_size` G > 1 each prompt is prefilled once and its cache copied to its G samples, rows
   b * G .. b * G + G - 1 (the layout `alignment.losses.grpo.group_advantages` reads). With a mesh, the

@@ -98,6 +98,15 @@ class Tokenizer:
 
 
 @functools.lru_cache(maxsize=8)
+def with_chat_template(tokenizer, template: str) -> Tokenizer:
+  """`tokenizer` (a Tokenizer or a plain `tokenizers.Tokenizer`, e.g. tiny-random's tokenizer.json) with
+  the chat template `template`, a turn ending at its `<|im_end|>` when it has one (else at its EOS)."""
+  backend = tokenizer.backend if isinstance(tokenizer, Tokenizer) else tokenizer
+  end = backend.token_to_id("<|im_end|>")
+  eos = end if end is not None else getattr(tokenizer, "eos_id", None)
+  return Tokenizer(backend, bos_id=getattr(tokenizer, "bos_id", None), eos_id=eos, pad_id=0, chat_template=template)
+
+
 def _compile_template(source: str) -> jinja2.Template:
   # Sandboxed and with `raise_exception`, as HF renders chat templates.
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,

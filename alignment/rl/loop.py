@@ -25,7 +25,7 @@ from alignment import checkpoint, choices
 from alignment.losses import grpo as grpo_losses
 from alignment.losses import ppo as ppo_losses
 from alignment.models import sampler as sampler_lib
-from alignment.models.tokenizer import Tokenizer
+from alignment.models.tokenizer import Tokenizer, with_chat_template
 from alignment.parallel import make_mesh, replicated, shard_batch
 from alignment.rl import objective, presets, prompts as prompts_lib, rewards as rewards_lib, rollout
 from alignment.train import gym_eval, registry
@@ -46,10 +46,7 @@ def chat_tokenizer(config, model_tokenizer) -> Tokenizer:
   if isinstance(model_tokenizer, Tokenizer) and model_tokenizer.chat_template and not config.data.chat_template:
     return model_tokenizer
   tokenizer, template, _ = tokenizer_and_template(config.data, model_tokenizer, config.model.name)
-  backend = tokenizer.backend if isinstance(tokenizer, Tokenizer) else tokenizer
-  end = backend.token_to_id("<|im_end|>")
-  eos = end if end is not None else getattr(tokenizer, "eos_id", None)
-  return Tokenizer(backend, bos_id=getattr(tokenizer, "bos_id", None), eos_id=eos, pad_id=0, chat_template=template)
+  return with_chat_template(tokenizer, template)
 
 
 def check_rl_config(config, mesh) -> None:
