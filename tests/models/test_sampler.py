@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from alignment import models
 from alignment.models import sampler
@@ -114,6 +115,56 @@ def test_sampling_frequencies_match_distribution(temperature, top_k, top_p):
   chi2 = (((counts - n * p) ** 2)[support] / (n * p[support])).sum()
   assert chi2 < 35.0, (chi2, counts / n, p)  # 99.9% quantile of chi2 with <= 11 dof is 31.3
   np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), np.log(p[drawn]), atol=1e-5)
+
+
+def _rows(greedy, temperature, top_p, seed):
+  return sampler.RowSampling(jnp.asarray(greedy, bool), jnp.asarray(temperature, jnp.float32),
+                             jnp.asarray(top_p, jnp.float32), jnp.asarray(seed, jnp.uint32))
+
+
+def test_per_row_settings_draw_from_each_rows_own_distribution():
+  """One batch, three settings (rows of each with their own seeds): each setting's draws follow its
+  distribution, and the logprobs are its log-probabilities."""
+  model = models.init_model(TINY, seed=3)
+  prompt = [3, 1, 4, 1, 5]
+  logits = np.asarray(models.logits(model, jnp.asarray([prompt])))[0, -1].astype(np.float64)
+  settings = [(1.0, 1.0), (0.7, 1.0), (1.5, 0.8)]
+  n = 6000
+  tokens, lengths = sampler.pad_prompts([prompt] * (n * len(settings)), multiple=8)
+  rows = _rows([False] * (n * 3), np.repeat([t for t, _ in settings], n), np.repeat([p for _, p in settings], n),
+               np.arange(n * 3))
+  fn = sampler.make_sampler(TINY, sampler.SamplingConfig(max_new_tokens=1))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  out = fn(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), None, rows)
+  drawn = np.asarray(out.tokens[:, 0])
+  for k, (temperature, top_p) in enumerate(settings):
+    p = _expected(logits, temperature, 0, top_p)
+    mine = drawn[k * n:(k + 1) * n]
+    counts = np.bincount(mine, minlength=TINY.vocab_size)
+    assert counts[p == 0].sum() == 0
+    chi2 = (((counts - n * p) ** 2)[p > 0] / (n * p[p > 0])).sum()
+    assert chi2 < 35.0, (temperature, top_p, chi2)  # 99.9% quantile with <= 11 dof is 31.3
+    np.testing.assert_allclose(np.asarray(out.logprobs[k * n:(k + 1) * n, 0]), np.log(p[mine]), atol=1e-5)
+
+
+def test_a_rows_tokens_depend_on_its_own_settings_and_limit_only():
+  model = models.init_model(TINY, seed=1)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
+  fn = sampler.make_sampler(TINY, sampler.SamplingConfig(max_new_tokens=10, pad_id=0))
+  tokens, lengths = sampler.pad_prompts(prompts, pad_id=0, multiple=8)
+  rows = _rows([True, False, False, True], [1.0, 0.8, 1.2, 1.0], [1.0, 0.9, 1.0, 1.0], [0, 11, 12, 0])
+  limits = jnp.asarray([10, 4, 7, 1], jnp.int32)
+  out = fn(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0), limits, rows)
+  greedy = sampler.sample(model, tokens, lengths, sampler.SamplingConfig(max_new_tokens=10, greedy=True))
+  np.testing.assert_array_equal(np.asarray(out.tokens[0]), np.asarray(greedy.tokens[0]))
+  np.testing.assert_array_equal(np.asarray(out.lengths), [10, 4, 7, 1])
+  for i in range(4):  # alone, at another width, with the same settings and seed
+    alone_tokens, alone_lengths = sampler.pad_prompts([prompts[i]], pad_id=0, multiple=16)
+    alone = fn(params, jnp.asarray(alone_tokens), jnp.asarray(alone_lengths), jax.random.key(5), limits[i:i + 1],
+               jax.tree.map(lambda a: a[i:i + 1], rows))
+    np.testing.assert_array_equal(np.asarray(alone.tokens[0]), np.asarray(out.tokens[i]))
+    np.testing.assert_allclose(np.asarray(alone.logprobs[0]), np.asarray(out.logprobs[i]), atol=1e-5)
 
 
 def test_sharded_over_a_mesh_matches_unsharded():
