@@ -84,6 +84,19 @@ class CompletionRequest(_Sampling):
   best_of: Optional[int] = Field(None, ge=1)
 
 
+class TokenizeRequest(_Strict):
+  prompt: Optional[str] = None
+  messages: Optional[list[ChatMessage]] = None
+  add_special_tokens: bool = True
+  add_generation_prompt: bool = True
+  model: Optional[str] = None
+
+
+class DetokenizeRequest(_Strict):
+  tokens: list[int]
+  model: Optional[str] = None
+
+
 class ApiError(Exception):
 
   def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -124,14 +137,15 @@ def _check_unsupported(req: _Sampling):
 
 
 class _Choice:
-  """One generated choice: token ids, their text, and why it ended."""
+  """One generated choice: token ids, their text, why it ended and the end-of-turn token that ended it
+  (which the text leaves out and the completions' logprobs list, as vLLM's do)."""
 
-  def __init__(self, tokenizer, ids, finish_reason, stops):
-    self.ids, self.finish_reason = list(ids), finish_reason
+  def __init__(self, tokenizer, ids, finish_reason, stops, stop_token=None):
+    self.ids, self.finish_reason, self.stop_token = list(ids), finish_reason, stop_token
     self.text = tokenizer.decode(self.ids)
     cut = min((i for i in (self.text.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:  # cut at the first stop string; keep the tokens the kept text needs
-      self.text, self.finish_reason = self.text[:cut], "stop"
+      self.text, self.finish_reason, self.stop_token = self.text[:cut], "stop", None
       while self.ids and len(tokenizer.decode(self.ids[:-1])) >= cut:
         self.ids.pop()
 
@@ -190,6 +204,34 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
   async def root():
     return {"status": "ok", "models": [model_name]}
 
+  # -- the tokenizer (vLLM's endpoints, which lm-evaluation-harness uses instead of a local tokenizer) ----
+
+  def token_name(token_id):
+    return None if token_id is None else _token_text(tokenizer, token_id)
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info():
+    return {"eos_token": token_name(getattr(tokenizer, "eos_id", None)),
+            "bos_token": token_name(getattr(tokenizer, "bos_id", None)),
+            "pad_token": token_name(getattr(tokenizer, "pad_id", None)),
+            "chat_template": getattr(tokenizer, "chat_template", None), "model_max_length": engine.limits.context}
+
+  @app.post("/tokenize")
+  async def tokenize(req: TokenizeRequest):
+    if (req.prompt is None) == (req.messages is None):
+      raise ApiError(400, "give one of 'prompt' and 'messages'", "prompt")
+    if req.messages is not None:
+      ids = sampler.encode_chat(tokenizer, [_plain(req.messages)])[0]
+    else:
+      ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids
+    return {"tokens": ids, "count": len(ids), "max_model_len": engine.limits.context}
+
+  @app.post("/detokenize")
+  async def detokenize(req: DetokenizeRequest):
+    if any(not 0 <= i < engine.policy.cfg.vocab_size for i in req.tokens):
+      raise ApiError(400, f"a token id is outside the vocabulary [0, {engine.policy.cfg.vocab_size})", "tokens")
+    return {"prompt": tokenizer.decode(req.tokens)}
+
   @app.get("/v1/models")
   async def models():
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "alignment"}]}
@@ -216,8 +258,7 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
     stops = _stops(req.stop)
     if req.top_logprobs and not req.logprobs:
       raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                for m in req.messages]
+    messages = _plain(req.messages)
     if messages[-1]["role"] == "assistant":
       raise ApiError(400, "the last message must not be the assistant's (the answer follows it)", "messages")
     max_tokens = req.max_completion_tokens or req.max_tokens or min(engine.limits.max_tokens,
@@ -236,7 +277,7 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
                  for _ in range(req.n)]
     else:
       completions = await run(prompt_ids, req.n, max_tokens, settings(req))
-      choices = [_Choice(tokenizer, c.tokens, c.finish_reason, stops) for c in completions]
+      choices = [_Choice(tokenizer, c.tokens, c.finish_reason, stops, c.stop_token) for c in completions]
       if guard is not None:
         scores = await run_in_threadpool(guard.check_responses, [messages] * len(choices), [c.text for c in choices])
         for i, score in enumerate(scores):
@@ -272,7 +313,7 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
   # -- completions --------------------------------------------------------------------------------
 
   def completion_logprobs(prompt_ids, choice: _Choice, top: int, echo: bool) -> dict:
-    scored = list(prompt_ids) + choice.ids
+    scored = list(prompt_ids) + choice.ids + ([] if choice.stop_token is None else [choice.stop_token])
     first = 1 if echo else len(prompt_ids)  # echo: every prompt token after the first is scored too
     if len(scored) > first:
       lps, top_ids, top_lps = engine.score(scored, first, top)
@@ -325,7 +366,7 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
       per_prompt = [[_Choice(tokenizer, [], "length", []) for _ in range(req.n)] for _ in prompt_ids]
     else:
       results = await asyncio.gather(*(run(ids, req.n, req.max_tokens, settings(req)) for ids in prompt_ids))
-      per_prompt = [[_Choice(tokenizer, c.tokens, c.finish_reason, stops) for c in r] for r in results]
+      per_prompt = [[_Choice(tokenizer, c.tokens, c.finish_reason, stops, c.stop_token) for c in r] for r in results]
     rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = []
     for p, (ids, cs) in enumerate(zip(prompt_ids, per_prompt)):
@@ -353,6 +394,11 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
     return _sse(events())
 
   return app
+
+
+def _plain(messages: list[ChatMessage]) -> list[dict]:
+  return [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+          for m in messages]
 
 
 def _pieces(tokenizer, choice: _Choice) -> list[str]:

@@ -53,6 +53,7 @@ class RowSettings:
 class Completion(NamedTuple):
   tokens: list              # generated ids, the stop token left out
   finish_reason: str        # 'stop' (an end-of-turn token) or 'length'
+  stop_token: int | None = None  # the end-of-turn token that ended it
 
 
 class QueueFull(Exception):
@@ -192,7 +193,7 @@ class Engine:
     for r, (i, _) in enumerate(rows):
       ids = out.tokens[r][out.mask[r] == 1].tolist()
       stopped = bool(ids) and ids[-1] in self.eos_ids
-      results[i].append(Completion(ids[:-1] if stopped else ids, "stop" if stopped else "length"))
+      results[i].append(Completion(ids[:-1], "stop", ids[-1]) if stopped else Completion(ids, "length"))
     return results
 
   def warmup(self, widths: Sequence[int] | None = None) -> int:
