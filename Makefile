@@ -25,6 +25,15 @@ $(VENV)/.installed-test: setup.py | $(VENV)/bin/python
 	$(VENV)/bin/python -c "import alignment.train.loop, torch, transformers"
 	touch $@ $(VENV)/.installed
 
+# garak as a client (tests/serve/test_clients.py) pins openai and transformers below what the suite uses:
+# it gets an environment of its own, with the CPU torch wheel installed first.
+GARAK_VENV := .venv-garak
+$(GARAK_VENV)/.installed:
+	$(PYTHON) -m venv $(GARAK_VENV)
+	$(GARAK_VENV)/bin/pip install -q torch==2.13.0
+	$(GARAK_VENV)/bin/pip install -q garak==0.17.1
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -32,8 +41,8 @@ demo: install
 	rm -rf $(WORKDIR)
 	$(VENV)/bin/python -m alignment.main --config=configs/dpo.py:gym --workdir=$(WORKDIR)
 
-test: install-test
+test: install-test $(GARAK_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) $(GARAK_VENV) workdirs

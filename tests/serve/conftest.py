@@ -20,7 +20,7 @@ from alignment.train.model import load_policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = "tiny-random"
-CONTEXT, MAX_TOKENS = 384, 24
+CONTEXT, MAX_TOKENS = 4096, 24  # a DAN prompt is about 3,100 tiny-tokenizer tokens
 
 
 def _request(url: str, body=None, timeout: float = 300) -> tuple[int, dict]:

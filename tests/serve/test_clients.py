@@ -147,6 +147,10 @@ def test_garak_completes_a_probe_run_against_the_server(server, tmp_path):
   assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
   reports = glob.glob(str(report / "**" / "run.report.jsonl"), recursive=True)
   assert reports, proc.stdout[-2000:]
-  attempts = [json.loads(line) for line in open(reports[0]) if '"entry_type": "attempt"' in line]
-  assert attempts and all(a["outputs"] for a in attempts)
+  entries = [json.loads(line) for line in open(reports[0])]
+  attempts = [e for e in entries if e["entry_type"] == "attempt" and e["status"] == 2]
+  assert attempts and all(o and isinstance(o.get("text"), str) for a in attempts for o in a["outputs"])
+  evals = [e for e in entries if e["entry_type"] == "eval"]  # each detector graded every output
+  outputs = sum(len(a["outputs"]) for a in attempts)
+  assert outputs == 2 and evals and all(e["total_evaluated"] == outputs and e["nones"] == 0 for e in evals)
   shutil.rmtree(report, ignore_errors=True)
