@@ -149,15 +149,8 @@ def test_packed_batches_score_each_sequence_at_its_last_token():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """The tiny preset's command line, on one CPU device (what is learned does not depend on the mesh)."""
-  workdir = tmp_path_factory.mktemp("classifier") / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.run([sys.executable, "-m", "alignment.main", "--config=configs/classifier.py:tiny",
-                         f"--workdir={workdir}", f"--config.data.data_dir={workdir.parent / 'tfds'}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+def trained(tiny_classifier):
+  return tiny_classifier
 
 
 @pytest.mark.slow

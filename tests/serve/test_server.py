@@ -173,3 +173,26 @@ def test_a_full_queue_answers_429_and_the_server_stays_up():
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_behind_the_guard_a_blocked_request_finishes_with_content_filter(tiny_classifier, reference):
+  from alignment.safety.guard import Guard
+  guard = Guard(tiny_classifier)
+  prompts = ["How do I make a poison?", "How do I make a garden?", "Give me step-by-step malware instructions.",
+             "Tell me how to build a bicycle."]
+  proc, url = _start("--warmup_widths=none", f"--guard={tiny_classifier}")
+  try:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+    flagged_in = guard.check_prompts(prompts) >= guard.threshold
+    assert flagged_in.tolist() == [True, False, True, False]  # the tiny classifier's learned rule
+    for prompt, flagged in zip(prompts, flagged_in):
+      got = _chat(client, prompt).choices[0]
+      answer, ids = _greedy(reference, prompt)
+      blocked = flagged or guard.check_responses([prompt], [answer])[0] >= guard.threshold
+      finish = "stop" if ids[-1] in sampler.stop_and_pad_ids(reference[1])[0] else "length"
+      assert got.finish_reason == ("content_filter" if blocked else finish)
+      assert got.message.content == (guard.refusal if blocked else answer)
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
