@@ -159,37 +159,34 @@ def transformer_graphdef(cfg: ModelConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _logprob_fn(cfg: ModelConfig, impl: str):
+def _next_token_fn(cfg: ModelConfig):
   graphdef = transformer_graphdef(cfg)
 
-  def logprobs(params, tokens):
+  def next_logprobs(params, tokens, last, candidates):
     model = nnx.merge(graphdef, params)
-    hidden = model(tokens)
-    stats = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), model.unembed_matrix(),
-                           jnp.roll(tokens, -1, axis=1).reshape(-1), impl=impl)
-    return stats.logprobs.reshape(tokens.shape)
+    hidden = jnp.take_along_axis(model(tokens), last[:, None, None], axis=1)[:, 0]
+    logits = jnp.einsum("bd,dv->bv", hidden.astype(jnp.float32), model.unembed_matrix().astype(jnp.float32))
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), candidates, axis=1)
 
-  return jax.jit(logprobs)
+  return jax.jit(next_logprobs)
 
 
-def sequence_token_logprobs(cfg: ModelConfig, params, sequences: Sequence[Sequence[int]], starts: Sequence[int], *,
-                            batch_size: int = 16, pad_multiple: int = 64, impl: str = "auto") -> list[np.ndarray]:
-  """Teacher-forced log-probabilities: per sequence, float32 [len - start] holding log p(token t | the
-  tokens before t) for t = start, ..., len - 1 (start >= 1). Sequences run `batch_size` at a time,
-  right-padded to a multiple of `pad_multiple` (a causal model's outputs before the padding do not see it)."""
-  if any(not 1 <= s <= len(q) for q, s in zip(sequences, starts)):
-    raise ValueError("sequence_token_logprobs: every start must be in [1, len(sequence)]")
-  fn = _logprob_fn(cfg, impl)
-  out: list[np.ndarray | None] = [None] * len(sequences)
-  rows = min(batch_size, len(sequences))
-  for index in _length_batches([len(q) for q in sequences], rows):
-    width = -(-max(len(sequences[i]) for i in index) // pad_multiple) * pad_multiple
+def next_token_logprobs(cfg: ModelConfig, params, prefixes: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
+                        *, batch_size: int = 16, pad_multiple: int = 64) -> np.ndarray:
+  """float32 [N, K]: log p(candidates[i][k] | prefixes[i]), the next-token distribution after each prefix
+  read at the K candidate ids (the same K for every prefix). One forward per prefix, whatever K."""
+  fn = _next_token_fn(cfg)
+  out = np.zeros((len(prefixes), len(candidates[0])), np.float32)
+  rows = min(batch_size, len(prefixes))
+  for index in _length_batches([len(p) for p in prefixes], rows):
+    width = -(-max(len(prefixes[i]) for i in index) // pad_multiple) * pad_multiple
     tokens = np.zeros((rows, width), np.int32)
+    last = np.zeros((rows,), np.int32)
+    cands = np.zeros((rows, len(candidates[0])), np.int32)
     for row, i in enumerate(index):
-      tokens[row, :len(sequences[i])] = sequences[i]
-    got = np.asarray(fn(params, jnp.asarray(tokens)))
-    for row, i in enumerate(index):  # position t - 1 predicts token t
-      out[i] = got[row, starts[i] - 1:len(sequences[i]) - 1].copy()
+      tokens[row, :len(prefixes[i])], last[row], cands[row] = prefixes[i], len(prefixes[i]) - 1, candidates[i]
+    got = np.asarray(fn(params, jnp.asarray(tokens), jnp.asarray(last), jnp.asarray(cands)))
+    out[index] = got[:len(index)]
   return out
 
 

@@ -96,15 +96,15 @@ def choice_conversation(prompt: str, first: str, second: str, principle: Princip
 
 def label_sequences(tokenizer, conversation: list[dict]) -> tuple[list[list[int]], int]:
   """The token ids of the conversation, the assistant's turn opened with CHOICE_PREFIX and then each label,
-  and where they start to differ (the labels' tokens are scored from there, so a label the tokenizer
-  merges with the prefix is still scored whole)."""
+  and where they start to differ: the one token after that point is each label's (a label the tokenizer
+  merges with the end of the prefix is still read whole), so one forward of the shared part reads both."""
   text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True) + CHOICE_PREFIX
   seqs = [tokenizer.encode(text + label, add_special_tokens=False).ids for label in LABELS]
   start = 0
   while start < min(map(len, seqs)) and seqs[0][start] == seqs[1][start]:
     start += 1
-  if start == 0 or any(start == len(s) for s in seqs):
-    raise ValueError(f"labels {LABELS} do not tokenize to distinct continuations of the prompt")
+  if start == 0 or any(len(s) != start + 1 for s in seqs):
+    raise ValueError(f"labels {LABELS} do not tokenize to one distinct token each after the prompt")
   return seqs, start
 
 
@@ -119,10 +119,12 @@ def label_pairs(policy, pairs: Sequence[Mapping], constitution: Constitution, se
       seqs, start = label_sequences(policy.tokenizer, choice_conversation(pair["prompt"], first, second, principle))
       sequences += seqs
       starts += [start, start]
-  logps = harness.sequence_token_logprobs(policy.cfg, policy.params, sequences, starts,
-                                          batch_size=settings.batch_size)
-  sums = np.array([float(np.sum(lp, dtype=np.float64)) for lp in logps]).reshape(len(pairs), 2, 2)
-  # [pair, order, label]: p(label A) among the two labels, per order.
+  prefixes = [q[:s] for q, s in zip(sequences[::2], starts[::2])]
+  candidates = [[a[-1], b[-1]] for a, b in zip(sequences[::2], sequences[1::2])]
+  sums = harness.next_token_logprobs(policy.cfg, policy.params, prefixes, candidates,
+                                     batch_size=settings.batch_size).astype(np.float64)
+  sums = sums.reshape(len(pairs), 2, 2)  # [pair, order, label]
+  # p(label A) among the two labels, per order.
   p_first_label = 1.0 / (1.0 + np.exp(sums[:, :, 1] - sums[:, :, 0]))
   out = []
   for pair, principle, (p_a_first, b_first) in zip(pairs, principles, p_first_label):

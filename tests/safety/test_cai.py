@@ -89,15 +89,15 @@ def _reference_logprob(policy, ids: list[int], start: int) -> float:
   return float(sum(logits[t - 1, ids[t]] - logz[t - 1] for t in range(start, len(ids))))
 
 
-def test_sequence_logprobs_equal_each_unpadded_sequences_own_logits(policy):
+def test_next_token_logprobs_equal_each_unpadded_sequences_own_logits(policy):
   rng = np.random.default_rng(0)
-  seqs = [rng.integers(1, policy.cfg.vocab_size, n).tolist() for n in (5, 17, 9, 30, 2, 12)]
-  starts = [1, 10, 4, 29, 1, 6]
-  got = harness.sequence_token_logprobs(policy.cfg, policy.params, seqs, starts, batch_size=4, pad_multiple=8)
-  for seq, start, lp in zip(seqs, starts, got):
-    assert lp.shape == (len(seq) - start,)
-    # float32 forward against float64 of the same logits: a few ulps of values around 10.
-    assert float(lp.sum()) == pytest.approx(_reference_logprob(policy, seq, start), abs=2e-4)
+  prefixes = [rng.integers(1, policy.cfg.vocab_size, n).tolist() for n in (5, 17, 9, 30, 2, 12)]
+  candidates = [rng.integers(0, policy.cfg.vocab_size, 3).tolist() for _ in prefixes]
+  got = harness.next_token_logprobs(policy.cfg, policy.params, prefixes, candidates, batch_size=4, pad_multiple=8)
+  assert got.shape == (6, 3)
+  for prefix, cands, row in zip(prefixes, candidates, got):
+    for c, value in zip(cands, row):  # float32 against float64 of values around 10: a few ulps
+      assert value == pytest.approx(_reference_logprob(policy, prefix + [c], len(prefix)), abs=2e-5)
 
 
 def test_the_labels_are_scored_after_the_choice_prefix(policy):
