@@ -181,8 +181,9 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
       future = engine.submit(prompt_ids, n=n, max_tokens=max_tokens, settings=row_settings)
     except QueueFull as e:
       raise ApiError(429, str(e), None, "queue_full", "rate_limit_error") from None
-    except ValueError as e:
-      raise ApiError(400, str(e), "max_tokens" if "max_tokens" in str(e) else "messages", "invalid_value") from None
+    except ValueError as e:  # the engine names what it refused first: n=..., max_tokens=..., or the prompt
+      param = str(e).split("=", 1)[0] if str(e).startswith(("n=", "max_tokens=")) else "max_tokens"
+      raise ApiError(400, str(e), param, "invalid_value") from None
     try:
       return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
     except asyncio.TimeoutError:

@@ -89,7 +89,6 @@ class Engine:
     self._pending: list[_Job] = []
     self._cv = threading.Condition()
     self._seeds = itertools.count(int(time.time() * 1000) & 0x7FFFFFFF)
-    self._stopped = False
     self.stats = {"batches": 0, "requests": 0, "rows": 0, "most_rows": 0}  # what the worker has run
     self._worker = threading.Thread(target=self._loop, name="alignment-serve-engine", daemon=True)
     self._worker.start()
@@ -115,21 +114,13 @@ class Engine:
       self._cv.notify()
     return job.future
 
-  def close(self):
-    with self._cv:
-      self._stopped = True
-      self._cv.notify()
-    self._worker.join()
-
   # -- the worker ---------------------------------------------------------------------------------
 
   def _take(self) -> list[_Job]:
     """Waits for a request, then a batch window, and takes requests in arrival order while their rows fit."""
     with self._cv:
-      while not self._pending and not self._stopped:
+      while not self._pending:
         self._cv.wait()
-      if self._stopped:
-        return []
     time.sleep(self.limits.batch_window_s)
     with self._cv:
       taken, rows = [], 0
@@ -143,10 +134,7 @@ class Engine:
 
   def _loop(self):
     while True:
-      jobs = self._take()
-      if not jobs:
-        return
-      jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+      jobs = [j for j in self._take() if j.future.set_running_or_notify_cancel()]
       if not jobs:
         continue
       try:

@@ -133,6 +133,7 @@ BAD = [
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * CONTEXT}]}, 400, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1.0}, 400, "frequency_penalty"),
 ]
 
