@@ -21,7 +21,7 @@ import numpy as np
 
 from alignment.safety.classifier import Classifier
 
-REFUSAL = "I can't help with that request."
+REFUSAL = "I'm sorry, but I can't help with that request."  # in the wording refusal detectors (garak's) know
 STAGES = ("input", "output")
 
 
