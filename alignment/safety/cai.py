@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from alignment.data.sft import write_jsonl
+from alignment.data.sft import read_jsonl, write_jsonl
 from alignment.evals import graders
 from alignment.evals import harness
 from alignment.safety.constitution import Constitution, Principle
@@ -164,23 +164,15 @@ def feedback_report(labelled: Sequence[Mapping]) -> dict:
 
 
 def _read_jsonl_rows(path: str, keys: tuple) -> list[dict]:
+  """The rows of a JSONL file, each an object with non-empty text at `keys` (ValueError naming file:line)."""
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-      for key in keys:
-        if not isinstance(row.get(key), str) or not row[key].strip():
-          raise ValueError(f"{path}:{n}: {key!r} must be non-empty text")
-      rows.append(row)
-  if not rows:
-    raise ValueError(f"{path}: no rows")
+  for where, row in read_jsonl(path):
+    if not isinstance(row, dict):
+      raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in keys:
+      if not isinstance(row.get(key), str) or not row[key].strip():
+        raise ValueError(f"{where}: {key!r} must be non-empty text")
+    rows.append(row)
   return rows
 
 

@@ -199,6 +199,16 @@ def test_red_team_prompts_alternate_harmful_and_jailbreak_requests_of_the_split(
   assert not held_out & set(cai.red_team_prompts("safety:train", 0, seed=0))
 
 
+def test_a_bad_prompts_or_pairs_file_is_refused_naming_its_line(tmp_path):
+  path = tmp_path / "rows.jsonl"
+  path.write_text('{"prompt": "ok", "chosen": "a", "rejected": "b"}\n["not", "an", "object"]\n')
+  with pytest.raises(ValueError, match=f"{path}:2: expected a JSON object"):
+    cai.red_team_prompts(str(path), 0, seed=0)
+  path.write_text('{"prompt": "ok", "chosen": "a", "rejected": "b"}\n{"prompt": "ok", "chosen": ""}\n')
+  with pytest.raises(ValueError, match=f"{path}:2: 'chosen' must be non-empty text"):
+    cai.ground_truth_pairs(str(path), 0, seed=0)
+
+
 def test_ground_truth_pairs_keep_the_truth_under_the_random_order():
   triples = {(r["prompt"], r["chosen"], r["rejected"]) for r in gym.preference_pairs("train")}
   pairs = cai.ground_truth_pairs("gym:train", 40, seed=1)
