@@ -30,6 +30,7 @@ flags.DEFINE_integer("max_tokens", 512, "answer tokens a request may ask for at 
 flags.DEFINE_integer("max_batch", 16, "rows per sampler call")
 flags.DEFINE_integer("queue", 64, "requests that may wait; one more is answered 429")
 flags.DEFINE_float("timeout_s", 120.0, "seconds a request may wait for its answer; then 503")
+flags.DEFINE_float("batch_window_ms", 20.0, "after a request arrives, how long to wait for others to batch with it")
 flags.DEFINE_string("warmup_widths", "64,128,256", "prompt widths compiled at start-up: comma-separated, 'all' or 'none'")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype")
 F = flags.FLAGS
@@ -81,7 +82,8 @@ def main(argv):
   except OSError as e:
     _fail(f"--chat_template={F.chat_template}: {e}")
   engine = Engine(Policy(policy.cfg, policy.params, tokenizer, policy.description),
-                  Limits(context=F.context, max_tokens=F.max_tokens, max_batch=F.max_batch, queue=F.queue))
+                  Limits(context=F.context, max_tokens=F.max_tokens, max_batch=F.max_batch, queue=F.queue,
+                         batch_window_s=F.batch_window_ms / 1000))
   loaded = time.time()
   compiled = engine.warmup(widths) if widths != [] else 0
   name = F.served_name or F.model

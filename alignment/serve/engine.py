@@ -39,7 +39,7 @@ class Limits:
   max_tokens: int = 512     # completion tokens a request may ask for
   max_batch: int = 16       # rows per sampler call
   queue: int = 64           # requests waiting; one more is refused (QueueFull)
-  batch_window_s: float = 0.005
+  batch_window_s: float = 0.02  # after the first waiting request, how long to wait for others
 
 
 @dataclasses.dataclass(frozen=True)
