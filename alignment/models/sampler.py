@@ -136,14 +136,22 @@ def _top_p_rows(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 def _pick_rows(logits: jax.Array, rows: RowSampling, t) -> tuple[jax.Array, jax.Array]:
   """(token [B], its log-probability under the row's sampling distribution) at decode position t."""
   plain = jax.nn.log_softmax(logits, axis=-1)
-  scaled = logits / jnp.where(rows.greedy, 1.0, rows.temperature)[:, None]
-  scaled = jax.lax.cond(jnp.any(rows.top_p < 1.0), _top_p_rows, lambda x, _: x, scaled, rows.top_p)
-  sampled = jax.nn.log_softmax(scaled, axis=-1)
-  keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), t))(rows.seed)
-  u = jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32))(keys)
-  token = jnp.where(rows.greedy, jnp.argmax(plain, axis=-1).astype(jnp.int32), _draw(sampled, u))
-  logprobs = jnp.where(rows.greedy[:, None], plain, sampled)
-  return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+  greedy_token = jnp.argmax(plain, axis=-1).astype(jnp.int32)
+
+  def mixed(_):
+    scaled = logits / jnp.where(rows.greedy, 1.0, rows.temperature)[:, None]
+    scaled = jax.lax.cond(jnp.any(rows.top_p < 1.0), _top_p_rows, lambda x, _: x, scaled, rows.top_p)
+    sampled = jax.nn.log_softmax(scaled, axis=-1)
+    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), t))(rows.seed)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32))(keys)
+    token = jnp.where(rows.greedy, greedy_token, _draw(sampled, u))
+    logprobs = jnp.where(rows.greedy[:, None], plain, sampled)
+    return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+
+  def all_greedy(_):  # the common serving case skips the draw's sort and cumulative sums
+    return greedy_token, jnp.take_along_axis(plain, greedy_token[:, None], axis=-1)[:, 0]
+
+  return jax.lax.cond(jnp.all(rows.greedy), all_greedy, mixed, None)
 
 
 # ----------------------------------------------------------------------------------------------
