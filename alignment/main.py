@@ -6,8 +6,10 @@ what the run computes is refused then, unless --accept_config_changes. --verbosi
 libraries' logs.
 """
 
+import faulthandler
 import json
 import re
+import signal
 import sys
 
 from absl import app, flags
@@ -60,6 +62,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack, on stderr
   try:
     summary = run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.accept_config_changes)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -63,7 +63,16 @@ def _start(job, workdir, shared, processes, *overrides, mesh=MESH):
 
 
 def _finish(procs, codes=(0,)):
-  outputs = [p.communicate(timeout=900) for p in procs]
+  try:
+    outputs = [p.communicate(timeout=900) for p in procs]
+  except subprocess.TimeoutExpired:  # a stuck job: where each process waits (alignment.main dumps on SIGUSR1)
+    for p in procs:
+      p.send_signal(signal.SIGUSR1)
+    time.sleep(5)
+    for p in procs:
+      p.kill()
+    stacks = [p.communicate()[1][-8000:] for p in procs]
+    pytest.fail("the job did not finish in 900 s; each process's stderr ends:\n" + "\n-----\n".join(stacks))
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode in codes, err[-3000:]
   return outputs
