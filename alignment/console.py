@@ -45,6 +45,12 @@ def setup(verbosity_given: bool) -> None:
     logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def fail(message: str):
+  """How a command refuses bad input: one line on stderr, exit 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def verbose() -> bool:
   return _verbose
 

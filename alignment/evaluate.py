@@ -16,7 +16,6 @@ for a workdir, else eval_<model>.json in the current directory), with every prob
 """
 
 import os
-import sys
 import time
 
 from absl import flags
@@ -37,11 +36,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and comput
 F = flags.FLAGS
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def default_output(model: str, suite: str, probes_file: str) -> str:
   from alignment.train.model import is_workdir
   name = suite.replace(":", "_") if suite and not probes_file else os.path.splitext(os.path.basename(probes_file))[0]
@@ -52,12 +46,12 @@ def default_output(model: str, suite: str, probes_file: str) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    console.fail(f"unexpected arguments {argv[1:]}")
   from alignment.evals import harness
   try:  # bad input stops here, before any model is loaded
     probes = harness.load_probes(F.suite, F.probes)
   except (ValueError, OSError) as e:
-    _fail(str(e))
+    console.fail(str(e))
   probes = harness.sample_probes(probes, F.limit)
   output = F.output or default_output(F.model, F.suite, F.probes)
 
@@ -67,7 +61,7 @@ def main(argv):
     if F.reference:
       check_model_source(F.reference, "--reference")
   except ValueError as e:
-    _fail(str(e))
+    console.fail(str(e))
   start = time.time()
   guard = None
   if F.guard:
@@ -75,13 +69,13 @@ def main(argv):
     try:
       guard = Guard(F.guard, batch_size=F.batch_size)
     except (ValueError, OSError) as e:
-      _fail(f"--guard={F.guard}: {e}")
+      console.fail(f"--guard={F.guard}: {e}")
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
-    _fail(f"--model={F.model}: the model ships no tokenizer")
+    console.fail(f"--model={F.model}: the model ships no tokenizer")
   reference = load_policy(F.reference, dtype=F.dtype) if F.reference else None
   if reference is not None and reference.cfg.vocab_size != policy.cfg.vocab_size:
-    _fail(f"--reference={F.reference}: vocabulary {reference.cfg.vocab_size} != the model's {policy.cfg.vocab_size}")
+    console.fail(f"--reference={F.reference}: vocabulary {reference.cfg.vocab_size} != the model's {policy.cfg.vocab_size}")
   settings = harness.EvalSettings(max_new_tokens=F.max_new_tokens, batch_size=F.batch_size, system=F.system)
   report = harness.evaluate_probes(policy.cfg, policy.params, policy.tokenizer, probes, settings,
                                    ref_params=reference.params if reference else None, guard=guard)

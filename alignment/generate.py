@@ -32,17 +32,12 @@ flags.DEFINE_string("guard", "", "a safety classifier's workdir: check each prom
 F = flags.FLAGS
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    console.fail(f"unexpected arguments {argv[1:]}")
   empty = [i for i, p in enumerate(F.prompt) if not p.strip()]
   if empty and F.raw:  # a chat-templated empty prompt still has tokens (the template's); a raw one has none
-    _fail(f"--prompt number {empty[0] + 1} is empty: with --raw there is nothing to continue from")
+    console.fail(f"--prompt number {empty[0] + 1} is empty: with --raw there is nothing to continue from")
   import numpy as np
   from flax import nnx
   from alignment.models import Transformer, sampler
@@ -50,9 +45,9 @@ def main(argv):
   try:
     check_model_source(F.model)
   except ValueError as e:
-    _fail(str(e))
+    console.fail(str(e))
   if F.guard and F.raw:
-    _fail("--guard checks chat prompts; drop --raw")
+    console.fail("--guard checks chat prompts; drop --raw")
   start = time.time()
   guard = None
   if F.guard:
@@ -60,10 +55,10 @@ def main(argv):
     try:
       guard = Guard(F.guard)
     except (ValueError, OSError) as e:
-      _fail(f"--guard={F.guard}: {e}")
+      console.fail(f"--guard={F.guard}: {e}")
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
-    _fail(f"--model={F.model}: the model ships no tokenizer; cannot encode a text prompt")
+    console.fail(f"--model={F.model}: the model ships no tokenizer; cannot encode a text prompt")
   model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(policy.cfg, rngs=nnx.Rngs(0)))), policy.params)
   eos_ids, pad_id = sampler.stop_and_pad_ids(policy.tokenizer)
   sampling = sampler.SamplingConfig(

@@ -262,12 +262,11 @@ def format_summary(summary: Mapping) -> str:
 
 
 def main(argv):
-  import sys
+  from alignment import console
   try:
     _main(argv)
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    console.fail(str(e))
 
 
 def _main(argv):

@@ -194,11 +194,11 @@ def run(target, attacker, split: str, out_dir: str, settings: Settings, *, num_b
 
 
 def main(argv):
+  from alignment import console
   try:
     _main(argv)
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    console.fail(str(e))
 
 
 def _main(argv):

@@ -12,7 +12,6 @@ At start-up the sampler is compiled for every batch bucket at each --warmup_widt
 requests compile nothing; `--warmup_widths=all` compiles every width bucket up to the context.
 """
 
-import sys
 import time
 
 from absl import flags
@@ -36,11 +35,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and comput
 F = flags.FLAGS
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def chat_tokenizer(tokenizer, template_flag: str):
   """The model's tokenizer, or (for a model without a chat template) wrapped with --chat_template."""
   from alignment.data import chat
@@ -53,16 +47,16 @@ def chat_tokenizer(tokenizer, template_flag: str):
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    console.fail(f"unexpected arguments {argv[1:]}")
   from alignment.train.model import Policy, check_model_source, load_policy
   try:
     check_model_source(F.model)
     widths = (None if F.warmup_widths == "all" else [] if F.warmup_widths == "none" else
               [int(w) for w in F.warmup_widths.split(",")])
   except ValueError as e:
-    _fail(str(e) if "--model" in str(e) else f"--warmup_widths={F.warmup_widths}: expected widths, 'all' or 'none'")
+    console.fail(str(e) if "--model" in str(e) else f"--warmup_widths={F.warmup_widths}: expected widths, 'all' or 'none'")
   if F.max_tokens >= F.context:
-    _fail(f"--max_tokens={F.max_tokens} must be below --context={F.context}")
+    console.fail(f"--max_tokens={F.max_tokens} must be below --context={F.context}")
   import uvicorn
   from alignment.serve.api import make_app
   from alignment.serve.engine import Engine, Limits
@@ -72,15 +66,15 @@ def main(argv):
     try:
       guard = Guard(F.guard)
     except (ValueError, OSError) as e:
-      _fail(f"--guard={F.guard}: {e}")
+      console.fail(f"--guard={F.guard}: {e}")
   start = time.time()
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
-    _fail(f"--model={F.model}: the model ships no tokenizer")
+    console.fail(f"--model={F.model}: the model ships no tokenizer")
   try:
     tokenizer = chat_tokenizer(policy.tokenizer, F.chat_template)
   except OSError as e:
-    _fail(f"--chat_template={F.chat_template}: {e}")
+    console.fail(f"--chat_template={F.chat_template}: {e}")
   engine = Engine(Policy(policy.cfg, policy.params, tokenizer, policy.description),
                   Limits(context=F.context, max_tokens=F.max_tokens, max_batch=F.max_batch, queue=F.queue,
                          batch_window_s=F.batch_window_ms / 1000))
