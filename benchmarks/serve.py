@@ -5,8 +5,8 @@ SmolLM2-135M-Instruct, against the same requests sent one at a time to the same 
 
 Every request is a greedy chat completion of a distinct gym prompt, so each has one right answer: the
 concurrent run must answer every request (none lost) with the text it got when it ran alone (none
-answered with another's). The server runs in its own process and is warmed up (its sampler compiled
-for the batch and width buckets these prompts use) before anything is timed. The sequential and the
+answered with another's). The server runs in its own process and is warmed up (its prefill and decoder compiled
+for the shapes these prompts use) before anything is timed. The sequential and the
 concurrent passes alternate for `rounds`; per pass: generated tokens over wall time, and the p50 / p99
 of per-request latency. Prints one JSON object with the medians over rounds and
 `throughput_ratio` = concurrent tokens/s over sequential tokens/s.
@@ -107,7 +107,7 @@ def main():
   try:
     start = time.perf_counter()
     _pass(url, prompts[:args.clients], args.max_tokens, args.clients)
-    result["warmup_s"] = time.perf_counter() - start  # the server compiled every row bucket at widths 64 and 128
+    result["warmup_s"] = time.perf_counter() - start  # after the server compiled its shapes for prompts up to 128
     passes = {"sequential": [], "concurrent": []}
     answers = {"sequential": [], "concurrent": []}
     for _ in range(args.rounds):

@@ -134,7 +134,8 @@ def _top_p_rows(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def _pick_rows(logits: jax.Array, rows: RowSampling, t) -> tuple[jax.Array, jax.Array]:
-  """(token [B], its log-probability under the row's sampling distribution) at decode position t."""
+  """(token [B], its log-probability under the row's sampling distribution) at decode position t (a
+  scalar, or [B]: the index of each row's token in its completion)."""
   plain = jax.nn.log_softmax(logits, axis=-1)
   greedy_token = jnp.argmax(plain, axis=-1).astype(jnp.int32)
 
@@ -142,7 +143,8 @@ def _pick_rows(logits: jax.Array, rows: RowSampling, t) -> tuple[jax.Array, jax.
     scaled = logits / jnp.where(rows.greedy, 1.0, rows.temperature)[:, None]
     scaled = jax.lax.cond(jnp.any(rows.top_p < 1.0), _top_p_rows, lambda x, _: x, scaled, rows.top_p)
     sampled = jax.nn.log_softmax(scaled, axis=-1)
-    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), t))(rows.seed)
+    keys = jax.vmap(lambda seed, t: jax.random.fold_in(jax.random.key(seed), t))(
+        rows.seed, jnp.broadcast_to(t, rows.seed.shape))
     u = jax.vmap(lambda k: jax.random.uniform(k, (1,), jnp.float32))(keys)
     token = jnp.where(rows.greedy, greedy_token, _draw(sampled, u))
     logprobs = jnp.where(rows.greedy[:, None], plain, sampled)
@@ -303,6 +305,91 @@ def make_sampler(cfg: ModelConfig, sampling: SamplingConfig, mesh=None, group_si
   """
   fn = functools.partial(_generate, cfg, sampling, mesh, group_size)
   return jax.jit(fn, out_shardings=out_sharding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slots: rows that join and leave between decode chunks (the server's continuous batching)
+
+
+class Slots(NamedTuple):
+  """Rows decoding side by side, each at its own position. A row's cache holds its tokens at slots
+  equal to their positions (no padding in front), so a row can be refilled without touching the
+  others. token [B] int32: the row's last token, not yet in the cache (at first, the prompt's last
+  token); pos [B] int32: that token's position (and cache slot); t [B] int32: tokens drawn so far;
+  limit [B] int32: the most the row draws; done [B] bool (also true on empty rows)."""
+  token: jax.Array
+  pos: jax.Array
+  t: jax.Array
+  limit: jax.Array
+  done: jax.Array
+
+
+def layer_caches(cfg: ModelConfig, batch: int, length: int) -> list:
+  """An empty KV cache as a list of per-layer {'k', 'v'} (`transformer.init_cache`'s layout without the
+  L axis), what the unrolled layers of `make_slot_prefill` and `make_slot_decoder` take."""
+  cache = tfm.init_cache(cfg, batch, length)
+  return [jax.tree.map(lambda c: c[i], cache) for i in range(cfg.n_layers)]
+
+
+@functools.lru_cache(maxsize=8)
+def make_decode_params(cfg: ModelConfig):
+  """-> jitted fn(params) -> what `make_slot_decoder` runs on: the embedding, final norm and
+  unembedding, and per-layer fused weights (made once, not once a chunk)."""
+  return jax.jit(lambda params: {"embed": params["embed"], "final_norm": params["final_norm"],
+                                 "unembed": _unembed_rows(cfg, params), "layers": _decode_weights(cfg, params)})
+
+
+@functools.lru_cache(maxsize=8)
+def make_slot_prefill(cfg: ModelConfig):
+  """-> jitted fn(decode_params, tokens [R, W]) -> the prompts' caches, a list per layer of {'k' [R, KV,
+  Dh, W], 'v' [R, KV, W, Dh]}, each prompt's tokens at slots 0..W-1. Right padding after a prompt leaves
+  garbage at the slots past it, which its row's decode overwrites before any query can see it. Runs the
+  layers unrolled on the fused weights, as decoding does: at a few prompts a call, slicing stacked
+  weights (a scan) would copy them."""
+
+  def prefill(dp, tokens):
+    rows, width = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None, :], (rows, width))
+    return forward_cached(cfg, dp, dp["layers"], tokens, positions, 0, jnp.ones((rows, width), bool),
+                          layer_caches(cfg, rows, width))[1]
+
+  return jax.jit(prefill)
+
+
+@functools.lru_cache(maxsize=8)
+def make_slot_decoder(cfg: ModelConfig, eos_ids: tuple, pad_id: int, steps: int):
+  """-> jitted fn(decode_params, caches, slots, rows) -> (tokens [B, steps], logprobs [B, steps], mask
+  [B, steps], caches, slots): up to `steps` decode steps of every row that is not done (fewer when all
+  finish). caches: a list, per layer, of {'k' [B, KV, Dh, S], 'v' [B, KV, S, Dh]}, donated (updated in
+  place). rows: `RowSampling`; a row's draw at its t-th token depends on its seed and t only, as in
+  `make_sampler`."""
+  eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+  def decode(dp, caches, slots, rows):
+    B, S = slots.token.shape[0], caches[0]["k"].shape[-1]
+    everywhere = jnp.ones((B, S), bool)  # a row's slots past its own position are masked as the future
+
+    def step(state):
+      i, slots, caches, out = state
+      h, caches = forward_cached(cfg, dp, dp["layers"], slots.token[:, None], slots.pos[:, None], slots.pos,
+                                 everywhere, caches)
+      logits = jnp.einsum("bd,vd->bv", h.astype(_F32), dp["unembed"].astype(_F32))
+      new, logprob = _pick_rows(logits, rows, slots.t)
+      live = ~slots.done
+      new = jnp.where(live, new, pad_id)
+      out = (out[0].at[:, i].set(new), out[1].at[:, i].set(jnp.where(live, logprob, 0.0)),
+             out[2].at[:, i].set(live.astype(jnp.int32)))
+      t = slots.t + live
+      done = slots.done | jnp.isin(new, eos) | (t >= slots.limit)
+      slots = Slots(jnp.where(live, new, slots.token), slots.pos + live, t, slots.limit, done)
+      return i + 1, slots, caches, out
+
+    out = (jnp.full((B, steps), pad_id, jnp.int32), jnp.zeros((B, steps), _F32), jnp.zeros((B, steps), jnp.int32))
+    _, slots, caches, out = jax.lax.while_loop(lambda st: (st[0] < steps) & ~jnp.all(st[1].done), step,
+                                               (jnp.int32(0), slots, caches, out))
+    return (*out, caches, slots)
+
+  return jax.jit(decode, donate_argnums=1)
 
 
 def sample(model, tokens, lengths, sampling: SamplingConfig, rng=None, *, mesh=None) -> Samples:

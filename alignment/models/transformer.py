@@ -225,13 +225,15 @@ def context(cfg: ModelConfig, positions, segment_ids, prefix_ids=None):
 
 
 def cache_context(cfg: ModelConfig, positions, slot, key_valid):
-  """Per-call tensors shared by all layers when tokens [B, T] go to cache slots slot..slot+T-1 (the same
-  for every row: prompts are left-padded). positions [B, T]: their RoPE positions; slot: an int32
-  scalar; key_valid [B, S]: the slots holding a real token, these included. A query sees the valid
+  """Per-call tensors shared by all layers when tokens [B, T] go to cache slots slot..slot+T-1. slot: an
+  int32 scalar, the same for every row (left-padded prompts), or int32 [B], a slot per row (rows at
+  their own positions, T = 1: the server's continuous batching). positions [B, T]: their RoPE
+  positions; key_valid [B, S]: the slots holding a real token, these included. A query sees the valid
   slots up to its own (masks [B, T, S])."""
-  q_idx = slot + jnp.arange(positions.shape[1])[:, None]
-  k_idx = jnp.arange(key_valid.shape[1])[None, :]
-  ctx = _context(cfg, positions, key_valid[:, None, :] & (k_idx <= q_idx)[None], (q_idx - k_idx)[None])
+  q_idx = jnp.reshape(slot, (-1, 1)) + jnp.arange(positions.shape[1])[None, :]  # [1 or B, T]
+  k_idx = jnp.arange(key_valid.shape[1])[None, None, :]
+  distance = q_idx[:, :, None] - k_idx
+  ctx = _context(cfg, positions, key_valid[:, None, :] & (distance >= 0), distance)
   ctx["slot"] = slot
   return ctx
 
@@ -305,8 +307,8 @@ def _attention(cfg: ModelConfig, x, w, rope, mask, cache=None, slot=None):
   """Grouped-query causal attention. x [B, T, D]; w: one layer's attention arrays (q, k, v or qkv).
 
   Without a cache, mask is [B, T, T]. With one (see `init_cache`, one layer's slice), the new keys and
-  values are written at cache slots slot..slot+T-1 and the queries attend over the whole cache under
-  mask [B, T, S]. Returns (out [B, T, D], the updated cache or None)."""
+  values are written at cache slots slot..slot+T-1 (or at slot[b] in row b) and the queries attend over
+  the whole cache under mask [B, T, S]. Returns (out [B, T, D], the updated cache or None)."""
   dtype = x.dtype
   B, T, _ = x.shape
   q, k, v = _qkv(cfg, x, w)
@@ -317,10 +319,13 @@ def _attention(cfg: ModelConfig, x, w, rope, mask, cache=None, slot=None):
   KV, Dh = cfg.n_kv_heads, cfg.head_dim
   q = q.reshape(B, T, KV, cfg.n_heads // KV, Dh)
   if cache is not None:
-    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 3, 1).astype(cache["k"].dtype),
-                                               (0, 0, 0, slot)),
-             "v": jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
-                                               (0, 0, slot, 0))}
+    k, v = k.transpose(0, 2, 3, 1).astype(cache["k"].dtype), v.transpose(0, 2, 1, 3).astype(cache["v"].dtype)
+    if jnp.ndim(slot) == 1:  # a slot per row, one token each
+      rows = jnp.arange(B)
+      cache = {"k": cache["k"].at[rows, :, :, slot].set(k[..., 0]), "v": cache["v"].at[rows, :, slot].set(v[:, :, 0])}
+    else:
+      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k, (0, 0, 0, slot)),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, slot, 0))}
     out = _attend(cfg, q, cache["k"].astype(dtype), cache["v"].astype(dtype), mask, cached=True)
   else:
     blocks = _QUERY_BLOCKS if T % _QUERY_BLOCKS == 0 and T >= _QUERY_BLOCKS * 32 else 1

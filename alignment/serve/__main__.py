@@ -6,10 +6,12 @@
 
 --model takes what `alignment.generate` takes: a model name, a .gguf file, an HF checkpoint directory or a
 training workdir. Clients name the model `--served_name` (default: the --model value). The limits are
-flags: --context (prompt + answer tokens), --max_tokens (per answer), --max_batch (rows per sampler call),
---queue (waiting requests; more are answered 429) and --timeout_s (a request waiting longer gets 503).
-At start-up the sampler is compiled for every batch bucket at each --warmup_widths prompt width, so those
-requests compile nothing; `--warmup_widths=all` compiles every width bucket up to the context.
+flags: --context (prompt + answer tokens), --max_tokens (per answer), --max_batch (rows decoded side by
+side), --queue (waiting requests; more are answered 429) and --timeout_s (a request waiting longer gets 503).
+Requests join and leave the running batch between decode steps (continuous batching, `engine.py`). At
+start-up the prefill is compiled for prompts up to the largest --warmup_widths width and the decoder for
+every batch bucket at every cache size such a prompt and --max_tokens can need, so those requests compile
+nothing; `--warmup_widths=all` compiles up to the context.
 """
 
 import time
@@ -26,11 +28,12 @@ flags.DEFINE_string("host", "127.0.0.1", "address to listen on")
 flags.DEFINE_integer("port", 8000, "port to listen on")
 flags.DEFINE_integer("context", 2048, "prompt plus answer tokens at most")
 flags.DEFINE_integer("max_tokens", 512, "answer tokens a request may ask for at most")
-flags.DEFINE_integer("max_batch", 16, "rows per sampler call")
+flags.DEFINE_integer("max_batch", 16, "rows decoded side by side (a request with n choices is n rows)")
 flags.DEFINE_integer("queue", 64, "requests that may wait; one more is answered 429")
 flags.DEFINE_float("timeout_s", 120.0, "seconds a request may wait for its answer; then 503")
-flags.DEFINE_float("batch_window_ms", 20.0, "after a request arrives, how long to wait for others to batch with it")
-flags.DEFINE_string("warmup_widths", "64,128,256", "prompt widths compiled at start-up: comma-separated, 'all' or 'none'")
+flags.DEFINE_float("batch_window_ms", 20.0, "when idle: after a request arrives, how long to wait for others")
+flags.DEFINE_string("warmup_widths", "64,128,256", "prompt lengths compiled for at start-up: comma-separated "
+                    "(the largest counts), 'all' or 'none'")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "param and compute dtype")
 F = flags.FLAGS
 

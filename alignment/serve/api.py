@@ -197,7 +197,7 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
 
   @app.get("/health")
   async def health():
-    """Up; with what the engine has run (batches, requests, rows, the most rows in one batch)."""
+    """Up; with what the engine has run (requests, rows, decode chunks, the most rows decoded side by side)."""
     return {"status": "ok", "engine": dict(engine.stats)}
 
   @app.get("/")

@@ -1,17 +1,21 @@
-"""Concurrent requests gathered into sampler batches, and tokens scored by teacher forcing.
+"""Concurrent requests decoded side by side (continuous batching), and tokens scored by teacher forcing.
 
     engine = Engine(policy, limits=Limits(context=2048, max_tokens=512, max_batch=16, queue=64))
-    future = engine.submit(prompt_ids, n=2, max_tokens=64, sampling=RowSettings(greedy=True))
+    future = engine.submit(prompt_ids, n=2, max_tokens=64, settings=RowSettings(greedy=True))
     future.result()      # [Completion(tokens, finish_reason)] * n
     engine.score(ids, start, top=5)   # per token from `start`: its log-probability and the top alternatives
 
-One worker thread owns the model. It waits a few milliseconds after the first waiting request for
-others, then runs up to `max_batch` rows (a request with `n` choices is n rows) through one sampler call.
-Batches are padded to a bucketed shape (rows a power of two, prompt width a power-of-two multiple of 64
-tokens) and every row carries its own temperature, top-p, seed and token limit (`sampler.RowSampling`),
-so one compiled sampler per bucket serves every mix of requests and `warmup` compiles them all. A row's
-tokens depend on its own prompt, settings and seed only: a greedy request answers the same alone or in
-a batch (up to float rounding of the batch's shape).
+One worker thread owns the model and a batch of rows (a request with `n` choices is n rows), each row
+at its own position in its own part of the KV cache (`sampler.Slots`). It decodes every row
+`DECODE_CHUNK` steps at a time; between chunks, rows that finished answer their requests and waiting
+requests take their places (their prompts prefilled one at a time), so a short answer never waits for a
+long one and a new request never waits for a whole batch. When idle, the worker waits a few
+milliseconds after the first request for others. The batch and the cache are padded to bucketed shapes
+(rows a power of two up to `max_batch`, cache slots a power-of-two multiple of 64), and every row
+carries its own temperature, top-p, seed and token limit (`sampler.RowSampling`), so one compiled
+decoder per bucket serves every mix of requests and `warmup` compiles them all. A row's tokens depend on
+its own prompt, settings and seed only: a greedy request answers the same alone or beside others (up to
+float rounding of the batch's shape), and a seeded one draws what the batch sampler draws.
 """
 
 from __future__ import annotations
@@ -30,16 +34,18 @@ import numpy as np
 
 from alignment.models import sampler
 
-MIN_WIDTH = 64
+MIN_WIDTH = 64      # cache slots: a power-of-two multiple of this
+DECODE_CHUNK = 2    # decode steps between admissions: a finished row waits at most this long for a successor
+PREFILL_ROWS = 4    # prompts prefilled in one call (most of batching's gain on a CPU; fewer shapes to compile)
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
   context: int = 2048       # prompt + completion tokens
   max_tokens: int = 512     # completion tokens a request may ask for
-  max_batch: int = 16       # rows per sampler call
+  max_batch: int = 16       # rows decoded side by side
   queue: int = 64           # requests waiting; one more is refused (QueueFull)
-  batch_window_s: float = 0.02  # after the first waiting request, how long to wait for others
+  batch_window_s: float = 0.02  # when idle: after the first request, how long to wait for others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,18 @@ class _Job:
   max_tokens: int
   settings: RowSettings
   future: concurrent.futures.Future
+  completions: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Row:
+  job: _Job
+  choice: int
+  tokens: list = dataclasses.field(default_factory=list)
+
+  @property
+  def slots_needed(self) -> int:
+    return len(self.job.prompt_ids) + self.job.max_tokens
 
 
 def bucket(n: int, floor: int = 1) -> int:
@@ -77,19 +95,38 @@ def bucket(n: int, floor: int = 1) -> int:
   return size
 
 
+def prompt_width(n: int) -> int:
+  """The prefill width bucket of n tokens: a multiple of 16 up to 64 (short prompts are most requests,
+  and at one prompt a call the cost grows with the width), then a power-of-two multiple of 64."""
+  return -(-n // 16) * 16 if n <= MIN_WIDTH else bucket(n, MIN_WIDTH)
+
+
+def prompt_widths(up_to: int) -> list[int]:
+  """Every prefill width bucket up to `up_to` tokens."""
+  return sorted({prompt_width(n) for n in range(1, up_to + 1)})
+
+
+_STATE = {"token": np.int32, "pos": np.int32, "t": np.int32, "limit": np.int32, "done": bool,
+          "greedy": bool, "temperature": np.float32, "top_p": np.float32, "seed": np.uint32}
+
+
 class Engine:
 
   def __init__(self, policy, limits: Limits = Limits()):
     self.policy = policy
     self.limits = limits
     self.eos_ids, self.pad_id = sampler.stop_and_pad_ids(policy.tokenizer)
-    self._sampling = sampler.SamplingConfig(max_new_tokens=limits.max_tokens, eos_ids=self.eos_ids,
-                                            pad_id=self.pad_id)
-    self._fn = sampler.make_sampler(policy.cfg, self._sampling)
+    cfg = policy.cfg
+    self._decode_params = sampler.make_decode_params(cfg)(policy.params)
+    self._prefill = sampler.make_slot_prefill(cfg)
+    self._decode = sampler.make_slot_decoder(cfg, self.eos_ids, self.pad_id, DECODE_CHUNK)
+    self._rows: list[_Row | None] = []   # the batch's rows; None where empty
+    self._caches = None                  # per layer {'k' [B, KV, Dh, S], 'v' [B, KV, S, Dh]}
+    self._state = {}                     # per row, numpy arrays of _STATE
     self._pending: list[_Job] = []
     self._cv = threading.Condition()
     self._seeds = itertools.count(int(time.time() * 1000) & 0x7FFFFFFF)
-    self.stats = {"batches": 0, "requests": 0, "rows": 0, "most_rows": 0}  # what the worker has run
+    self.stats = {"requests": 0, "rows": 0, "chunks": 0, "most_rows": 0}  # what the worker has run
     self._worker = threading.Thread(target=self._loop, name="alignment-serve-engine", daemon=True)
     self._worker.start()
 
@@ -116,84 +153,145 @@ class Engine:
 
   # -- the worker ---------------------------------------------------------------------------------
 
-  def _take(self) -> list[_Job]:
-    """Waits for a request, then a batch window, and takes requests in arrival order while their rows fit."""
-    with self._cv:
-      while not self._pending:
-        self._cv.wait()
-    time.sleep(self.limits.batch_window_s)
-    with self._cv:
-      taken, rows = [], 0
-      for job in list(self._pending):
-        if rows + job.n > self.limits.max_batch:
-          break
-        taken.append(job)
-        rows += job.n
-        self._pending.remove(job)
-      return taken
-
   def _loop(self):
     while True:
-      jobs = [j for j in self._take() if j.future.set_running_or_notify_cancel()]
-      if not jobs:
-        continue
+      idle = not any(self._rows)
+      jobs = self._take(wait=idle)
       try:
-        results = self.generate([j.prompt_ids for j in jobs], [j.n for j in jobs], [j.max_tokens for j in jobs],
-                                [j.settings for j in jobs])
-      except Exception as e:  # the batch fails, the server stays up
-        for j in jobs:
-          j.future.set_exception(e)
+        self._admit(jobs)
+        if any(self._rows):
+          self._decode_chunk()
+      except Exception as e:  # the rows in flight fail, the server stays up
+        for job in {id(r.job): r.job for r in self._rows if r}.values():
+          if not job.future.done():
+            job.future.set_exception(e)
+        self._rows, self._caches, self._state = [], None, {}
+
+  def _take(self, wait: bool) -> list[_Job]:
+    """Requests in arrival order while their rows fit beside the batch's; when `wait`, first waits for
+    one and then the batch window."""
+    if wait:
+      with self._cv:
+        while not self._pending:
+          self._cv.wait()
+      time.sleep(self.limits.batch_window_s)
+    free = self.limits.max_batch - sum(r is not None for r in self._rows)
+    taken = []
+    with self._cv:
+      for job in list(self._pending):
+        if job.n > free:
+          break
+        self._pending.remove(job)
+        if job.future.set_running_or_notify_cancel():
+          taken.append(job)
+          free -= job.n
+    return taken
+
+  def _admit(self, jobs: list[_Job]):
+    """Gives each new request's rows a place (resizing the batch and the cache to their buckets, which
+    also happens as rows leave) and prefills its prompt there."""
+    new = [_Row(job, c) for job in jobs for c in range(job.n)]
+    rows = [r for r in self._rows if r] + new
+    size = bucket(len(rows)) if rows else 0
+    slots = bucket(max(r.slots_needed for r in rows), MIN_WIDTH) if rows else 0
+    if self._caches is None or size != len(self._rows) or slots != self._caches[0]["k"].shape[-1]:
+      self._relayout(size, slots)
+    free = (i for i, r in enumerate(self._rows) if r is None)
+    places = {id(job): [next(free) for _ in range(job.n)] for job in jobs}
+    for row in new:
+      i = places[id(row.job)][row.choice]
+      self._rows[i] = row
+      p, s = row.job.prompt_ids, row.job.settings
+      for name, value in (("token", p[-1]), ("pos", len(p) - 1), ("t", 0), ("limit", row.job.max_tokens),
+                          ("done", False), ("greedy", s.greedy), ("temperature", s.temperature),
+                          ("top_p", s.top_p), ("seed", self._row_seed(s, row.choice))):
+        self._state[name][i] = value
+    self._prefill_prompts(jobs, places)
+    self.stats.update(requests=self.stats["requests"] + len(jobs), rows=self.stats["rows"] + len(new))
+
+  def _relayout(self, size: int, slots: int):
+    """Moves the live rows to the front of a batch of `size` rows and `slots` cache slots (every live
+    row's tokens fit: `slots` holds its prompt and completion)."""
+    live = [i for i, r in enumerate(self._rows) if r]
+    if not size:
+      self._rows, self._caches, self._state = [], None, {}
+      return
+    order = np.array(live + [0] * (size - len(live)), np.int32)
+    if self._caches is None or not live:
+      self._caches = sampler.layer_caches(self.policy.cfg, size, slots)
+    else:
+      self._caches = _resize(self._caches, jnp.asarray(order), slots)
+    self._state = {name: (self._state[name][order] if live else np.zeros(size, dtype)) for name, dtype in _STATE.items()}
+    self._state["done"][len(live):] = True
+    self._rows = [self._rows[i] for i in live] + [None] * (size - len(live))
+
+  def _prefill_prompts(self, jobs: list[_Job], places: dict):
+    """Writes each prompt but its last token (which the row's first decode step runs) into the cache of
+    its rows: prompts of one width bucket together, up to PREFILL_ROWS a call."""
+    by_width = {}
+    for job in jobs:
+      if len(job.prompt_ids) > 1:
+        by_width.setdefault(prompt_width(len(job.prompt_ids) - 1), []).append(job)
+    for width, group in by_width.items():
+      for start in range(0, len(group), PREFILL_ROWS):
+        part = group[start:start + PREFILL_ROWS]
+        tokens = np.full((bucket(len(part)), width), self.pad_id, np.int32)
+        for r, job in enumerate(part):
+          tokens[r, :len(job.prompt_ids) - 1] = job.prompt_ids[:-1]
+        piece = self._prefill(self._decode_params, jnp.asarray(tokens))
+        for r, job in enumerate(part):
+          for i in places[id(job)]:
+            self._caches = _insert(self._caches, piece, i, r)
+
+  def _decode_chunk(self):
+    st = self._state
+    slots = sampler.Slots(*(jnp.asarray(st[k]) for k in ("token", "pos", "t", "limit", "done")))
+    rows = sampler.RowSampling(*(jnp.asarray(st[k]) for k in ("greedy", "temperature", "top_p", "seed")))
+    tokens, _, mask, self._caches, slots = self._decode(self._decode_params, self._caches, slots, rows)
+    tokens, mask, slots = jax.device_get((tokens, mask, slots))
+    for k, v in zip(("token", "pos", "t", "limit", "done"), slots):
+      st[k] = np.array(v)
+    live = sum(r is not None for r in self._rows)
+    self.stats.update(chunks=self.stats["chunks"] + 1, most_rows=max(self.stats["most_rows"], live))
+    for i, row in enumerate(self._rows):
+      if row is None:
         continue
-      rows = sum(j.n for j in jobs)
-      self.stats.update(batches=self.stats["batches"] + 1, requests=self.stats["requests"] + len(jobs),
-                        rows=self.stats["rows"] + rows, most_rows=max(self.stats["most_rows"], rows))
-      for j, completions in zip(jobs, results):
-        j.future.set_result(completions)
+      row.tokens += tokens[i][mask[i] == 1].tolist()
+      if st["done"][i]:
+        self._rows[i] = None
+        self._finish(row)
+
+  def _finish(self, row: _Row):
+    ids = row.tokens
+    stopped = bool(ids) and ids[-1] in self.eos_ids
+    job = row.job
+    job.completions.append((row.choice, Completion(ids[:-1], "stop", ids[-1]) if stopped else Completion(ids, "length")))
+    if len(job.completions) == job.n:
+      job.future.set_result([c for _, c in sorted(job.completions, key=lambda x: x[0])])
 
   def _row_seed(self, settings: RowSettings, choice: int) -> int:
     base = next(self._seeds) if settings.seed is None else settings.seed
     return (int(base) * 1000003 + choice) & 0xFFFFFFFF
 
-  def generate(self, prompts: Sequence[list], ns: Sequence[int], max_tokens: Sequence[int],
-               settings: Sequence[RowSettings]) -> list[list[Completion]]:
-    """One sampler call for these requests (what the worker runs; callable directly)."""
-    rows = [(i, c) for i, n in enumerate(ns) for c in range(n)]
-    size = bucket(len(rows))
-    width = bucket(max(len(p) for p in prompts), MIN_WIDTH)
-    tokens = np.full((size, width), self.pad_id, np.int32)
-    lengths = np.ones((size,), np.int32)  # filler rows: one pad token, one generated token
-    limits = np.ones((size,), np.int32)
-    greedy = np.ones((size,), bool)
-    temperature = np.ones((size,), np.float32)
-    top_p = np.ones((size,), np.float32)
-    seeds = np.zeros((size,), np.uint32)
-    for r, (i, c) in enumerate(rows):
-      p, s = prompts[i], settings[i]
-      tokens[r, width - len(p):] = p
-      lengths[r], limits[r] = len(p), max_tokens[i]
-      greedy[r], temperature[r], top_p[r] = s.greedy, s.temperature, s.top_p
-      seeds[r] = self._row_seed(s, c)
-    row_sampling = sampler.RowSampling(jnp.asarray(greedy), jnp.asarray(temperature), jnp.asarray(top_p),
-                                       jnp.asarray(seeds))
-    out = jax.device_get(self._fn(self.policy.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                  jax.random.key(0), jnp.asarray(limits), row_sampling))
-    results = [[] for _ in prompts]
-    for r, (i, _) in enumerate(rows):
-      ids = out.tokens[r][out.mask[r] == 1].tolist()
-      stopped = bool(ids) and ids[-1] in self.eos_ids
-      results[i].append(Completion(ids[:-1], "stop", ids[-1]) if stopped else Completion(ids, "length"))
-    return results
-
   def warmup(self, widths: Sequence[int] | None = None) -> int:
-    """Compiles the sampler for every row bucket at each prompt width (default: every width bucket up to
-    the context); returns how many shapes it compiled."""
-    widths = widths or [w for w in (MIN_WIDTH * 2 ** k for k in range(16)) if w < self.limits.context]
+    """Compiles the prefill for prompts up to each of `widths` tokens (default: up to the context) and
+    the decoder for every row bucket at every cache size those prompts and `max_tokens` can need;
+    returns how many shapes it compiled."""
+    longest = min(max(widths or [self.limits.context]), self.limits.context - 1)
     count = 0
-    for width in widths:
+    for width in prompt_widths(longest):
+      for rows in (r for r in (1, 2, 4, 8, 16) if r <= PREFILL_ROWS):
+        self._prefill(self._decode_params, jnp.zeros((rows, width), jnp.int32))
+        count += 1
+    most = bucket(min(longest + self.limits.max_tokens, self.limits.context), MIN_WIDTH)
+    cfg = self.policy.cfg
+    for slots in (s for s in (MIN_WIDTH * 2 ** k for k in range(16)) if s <= most):
       size = 1
-      while size <= self.limits.max_batch:
-        self.generate([[self.pad_id] * min(width, self.limits.context - 1)] * size, [1] * size, [1] * size,
-                      [RowSettings()] * size)
+      while size <= bucket(self.limits.max_batch):
+        z = lambda dtype: jnp.zeros((size,), dtype)
+        self._decode(self._decode_params, sampler.layer_caches(cfg, size, slots),
+                     sampler.Slots(z(jnp.int32), z(jnp.int32), z(jnp.int32), z(jnp.int32) + 1, z(bool)),
+                     sampler.RowSampling(z(bool), z(jnp.float32) + 1, z(jnp.float32) + 1, z(jnp.uint32)))
         count += 1
         size *= 2
     return count
@@ -232,3 +330,23 @@ def _score_fn(cfg, top: int):
             top_lps.reshape(*shape, top))
 
   return jax.jit(fn)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _insert(caches, piece, row, src):
+  """Writes row `src` of prompts' caches (`make_slot_prefill`'s, W slots) into batch row `row`, slots
+  0..W-1."""
+  take = lambda a: jax.lax.dynamic_slice_in_dim(a, src, 1, axis=0)
+  return [{"k": jax.lax.dynamic_update_slice(c["k"], take(p["k"]), (row, 0, 0, 0)),
+           "v": jax.lax.dynamic_update_slice(c["v"], take(p["v"]), (row, 0, 0, 0))} for c, p in zip(caches, piece)]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _resize(caches, order, slots):
+  """The caches' rows `order` (gathered), with `slots` cache slots (cut or zero-padded at the end)."""
+  def fit(a, axis):
+    a = jnp.take(a, order, axis=0)
+    if a.shape[axis] >= slots:
+      return jax.lax.slice_in_dim(a, 0, slots, axis=axis)
+    return jnp.pad(a, [(0, slots - a.shape[axis]) if d == axis else (0, 0) for d in range(a.ndim)])
+  return [{"k": fit(c["k"], 3), "v": fit(c["v"], 2)} for c in caches]
