@@ -32,6 +32,7 @@ setup(
         "datasketch>=1.6",    # MinHash LSH for near-duplicate removal (alignment.data.filters)
         "fastapi>=0.115",     # the OpenAI-compatible server (alignment.serve)
         "uvicorn>=0.30",
+        "matplotlib>=3.8",    # plots: a sweep's intervals (launch/sweep.py)
     ],
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0",
