@@ -46,10 +46,13 @@ install-tpu: install
 install-cuda: install
 	$(PIP) install -q "jax[$(JAX_CUDA)]==$(JAX_VERSION)"
 
-# Debian packages the tests use (CI runs as root); without apt-get their tests skip and say why.
+# Debian packages the tests use (CI runs as root): shellcheck for the launch scripts, chromium to render
+# a run report. Without apt-get their tests skip and say why.
+DEBIAN_PACKAGES := shellcheck chromium
 debian-packages:
-	@command -v shellcheck >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && \
-	  apt-get install -y -qq shellcheck >/dev/null; } || echo "shellcheck could not be installed: tests/test_launch.py will skip it"
+	@command -v shellcheck >/dev/null && command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; } || \
+	  echo "$(DEBIAN_PACKAGES) could not be installed: tests/test_launch.py and tests/test_report.py will skip them"
 
 demo: install
 	rm -rf $(WORKDIR)

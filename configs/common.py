@@ -205,6 +205,7 @@ def rl_config(algorithm: str, loss: str):
       tis_cap=0.0,               # > 0: truncated importance sampling of the sampler / trainer mismatch
       dynamic_sampling=-1,       # 1: keep only groups whose rewards differ, drawing more prompts (DAPO)
       max_draws=4,
+      log_samples=4,             # completions written to WORKDIR/samples.jsonl each logged step (the run report's)
       overlong_cache=-1,         # > 0: DAPO's soft overlong penalty over the last this-many tokens
       whiten_advantages=True,    # PPO: advantages whitened over the valid tokens
       missing_eos_penalty=0.0,   # subtracted from the score of a completion cut at max_new_tokens

@@ -301,10 +301,20 @@ class Learner:
     record["rollout/tokens_per_s"] = float(r.mask.sum() / max(times["generate"], 1e-9))
     record.update({"time/generate_s": times["generate"], "time/reward_s": times["reward"], "time/score_s": score_s,
                    "time/train_s": train_s})
+    self.samples = self._samples(r, scores, step)
     if rl.kl_target and "kl/ref" in record:
       self.kl_coef = float(ppo_losses.adaptive_kl_coef(self.kl_coef, record["kl/ref"], target=rl.kl_target,
                                                        horizon=rl.kl_horizon, steps=len(r.texts)))
     return state, step_metrics, record
+
+
+  def _samples(self, r: rollout.Rollouts, scores: dict, step: int) -> list:
+    """`rl.log_samples` completions of this step, drawn at random: prompt, response and rewards."""
+    rows = np.random.default_rng(step).permutation(len(r.texts))[:self.rl.log_samples]
+    prompt = lambda row: self.collector.prompts.records[r.prompt_index[row // self.rl.group_size]]["prompt"]
+    return [{"prompt": prompt(row), "response": r.texts[row], "reward": float(scores["total"][row]),
+             "rewards": {k: float(v[row]) for k, v in scores.items() if k not in ("total", "score")}}
+            for row in sorted(rows)]
 
 
 def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
@@ -344,6 +354,7 @@ def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
           record = run.step_metrics(step, step_metrics)
           skipped = check_finite(config, run, state, step, record, skipped)
           record.update(host_metrics)
+          run.log_samples(step, learner.samples)
           summary.setdefault("first_reward", record["reward/mean"])
           summary["final_reward"] = record["reward/mean"]
           summary["final_kl"] = record.get("kl/ref", 0.0)

@@ -321,6 +321,11 @@ class Run:
       if into is not None:
         into[f"time/{phase}_s"] = into.get(f"time/{phase}_s", 0.0) + seconds
 
+  def log_samples(self, step: int, samples: list) -> None:
+    """Sample generations of a step, to WORKDIR/samples.jsonl (what `alignment.report` shows)."""
+    if self.writer is not None and samples:
+      self.writer.write_samples(step, samples)
+
   def log(self, step: int, record: dict) -> None:
     """Writes a logged step's record and shows it: the loss on the progress bar (a terminal), or a plain
     line on the first, every tenth and the last step and at least every CONSOLE_EVERY_S seconds; eval
