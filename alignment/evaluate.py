@@ -63,13 +63,11 @@ def main(argv):
   except ValueError as e:
     console.fail(str(e))
   start = time.time()
-  guard = None
-  if F.guard:
-    from alignment.safety.guard import Guard
-    try:
-      guard = Guard(F.guard, batch_size=F.batch_size)
-    except (ValueError, OSError) as e:
-      console.fail(f"--guard={F.guard}: {e}")
+  from alignment.safety import guard as guard_lib
+  try:
+    guard = guard_lib.open_flag("--guard", F.guard, batch_size=F.batch_size)
+  except ValueError as e:
+    console.fail(str(e))
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
     console.fail(f"--model={F.model}: the model ships no tokenizer")

@@ -49,13 +49,11 @@ def main(argv):
   if F.guard and F.raw:
     console.fail("--guard checks chat prompts; drop --raw")
   start = time.time()
-  guard = None
-  if F.guard:
-    from alignment.safety.guard import Guard
-    try:
-      guard = Guard(F.guard)
-    except (ValueError, OSError) as e:
-      console.fail(f"--guard={F.guard}: {e}")
+  from alignment.safety import guard as guard_lib
+  try:
+    guard = guard_lib.open_flag("--guard", F.guard)
+  except ValueError as e:
+    console.fail(str(e))
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
     console.fail(f"--model={F.model}: the model ships no tokenizer; cannot encode a text prompt")

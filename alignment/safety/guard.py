@@ -70,3 +70,14 @@ class Guard:
   def reward(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
     """An RL reward: -1 for a response the output check flags, 0 otherwise."""
     return -(self.check_responses(prompts, responses) >= self.threshold).astype(np.float32)
+
+
+def open_flag(flag: str, path: str, **kwargs) -> Guard | None:
+  """The Guard a command-line flag names (None when it is empty): `open_flag('--guard', F.guard)`. A path
+  that holds no Guard raises ValueError naming the flag."""
+  if not path:
+    return None
+  try:
+    return Guard(path, **kwargs)
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{flag}={path}: {e}") from None

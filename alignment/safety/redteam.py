@@ -212,13 +212,8 @@ def _main(argv):
   check_model_source(F.model)
   if F.attacker:
     check_model_source(F.attacker, "--attacker")
-  guard = None
-  if F.classifier:
-    from alignment.safety.guard import Guard
-    try:
-      guard = Guard(F.classifier)
-    except (ValueError, OSError) as e:
-      raise ValueError(f"--classifier={F.classifier}: {e}") from None
+  from alignment.safety import guard as guard_lib
+  guard = guard_lib.open_flag("--classifier", F.classifier)
   behaviours_and_templates(F.split, 1, F.seed)  # refuses a bad split before any model loads
   target = load_policy(F.model, dtype=F.dtype)
   if target.tokenizer is None or getattr(target.tokenizer, "chat_template", None) is None:

@@ -63,13 +63,11 @@ def main(argv):
   import uvicorn
   from alignment.serve.api import make_app
   from alignment.serve.engine import Engine, Limits
-  guard = None
-  if F.guard:
-    from alignment.safety.guard import Guard
-    try:
-      guard = Guard(F.guard)
-    except (ValueError, OSError) as e:
-      console.fail(f"--guard={F.guard}: {e}")
+  from alignment.safety import guard as guard_lib
+  try:
+    guard = guard_lib.open_flag("--guard", F.guard)
+  except ValueError as e:
+    console.fail(str(e))
   start = time.time()
   policy = load_policy(F.model, dtype=F.dtype)
   if policy.tokenizer is None:
