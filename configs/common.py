@@ -176,6 +176,7 @@ def rl_config(algorithm: str, loss: str):
   c.rl = ml_collections.ConfigDict(dict(
       loss=loss,                 # ppo | grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp
       prompts="gym:train",       # gym:train | gym:test | a .jsonl file of {"prompt": ..., ...}
+      kind_weights="",           # kind:weight,... scales each kind's count in the prompt set (records with a 'kind')
       prompts_per_step=8,
       group_size=4,              # completions per prompt (G)
       max_prompt_tokens=256,

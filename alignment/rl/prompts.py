@@ -7,6 +7,7 @@
                          {role, content} messages) and any other keys, handed to the reward functions
                          (e.g. `answer` for the `math` reward)
 
+`config.rl.kind_weights` (`kind:weight,...`) resamples a set whose records carry a `kind` (the gym's).
 Every host reads the whole (small) prompt set and draws the same global batch of prompts each step; a
 prompt longer than `config.rl.max_prompt_tokens` is truncated from the left (its end, where the question
 usually is, kept) or dropped (`config.rl.long_prompts`), and counted.
@@ -65,9 +66,41 @@ def encode(tokenizer, records: Sequence[dict]) -> list:
   return out
 
 
+def weigh_kinds(records: list, spec: str) -> list:
+  """The records with each kind's count scaled by its weight (`kind:weight,...`; kinds not named keep
+  weight 1): a kind of n records becomes round(w * n) of them, whole copies first, then a fixed seeded
+  draw without repeats. Balances a set like the gym's, half of whose train prompts are sycophancy."""
+  weights = {}
+  for part in filter(None, spec.split(",")):
+    kind, _, weight = part.partition(":")
+    try:
+      weights[kind.strip()] = float(weight)
+    except ValueError:
+      raise ValueError(f"config.rl.kind_weights={spec!r}: {part!r} is not kind:weight") from None
+    if not weights[kind.strip()] > 0:
+      raise ValueError(f"config.rl.kind_weights={spec!r}: the weight of {kind!r} must be > 0")
+  by_kind = {}
+  for i, record in enumerate(records):
+    if "kind" not in record:
+      raise ValueError(f"config.rl.kind_weights: prompt {i} has no 'kind' to weigh")
+    by_kind.setdefault(record["kind"], []).append(record)
+  unknown = sorted(set(weights) - set(by_kind))
+  if unknown:
+    raise ValueError(f"config.rl.kind_weights: no prompts of kind {', '.join(unknown)}; kinds: {', '.join(by_kind)}")
+  rng = np.random.default_rng(0)
+  out = []
+  for kind, group in by_kind.items():
+    target = int(round(weights.get(kind, 1.0) * len(group)))
+    copies, rest = divmod(target, len(group))
+    out += group * copies + [group[i] for i in sorted(rng.choice(len(group), rest, replace=False))]
+  return out
+
+
 def load_prompts(rl_config, tokenizer) -> PromptSet:
-  """The prompt set of `config.rl` with its length rule applied (module docstring)."""
+  """The prompt set of `config.rl` with its kind weights and length rule applied (module docstring)."""
   records = read_records(rl_config.prompts)
+  if rl_config.get("kind_weights"):
+    records = weigh_kinds(records, rl_config.kind_weights)
   ids = encode(tokenizer, records)
   budget = rl_config.max_prompt_tokens
   long = [i for i, x in enumerate(ids) if len(x) > budget]

@@ -164,3 +164,22 @@ def test_presets_fill_unset_keys_and_keep_explicit_ones():
   c = grpo.get_config("tiny,loss=ppo")
   with pytest.raises(ValueError, match="needs a value model: use algorithm 'ppo'"):
     presets.resolve(c)
+
+
+def test_kind_weights_scale_each_kinds_count_and_refuse_what_they_cannot_weigh():
+  records = [{"prompt": f"{kind} {i}", "kind": kind} for kind, n in (("a", 10), ("b", 4), ("c", 3)) for i in range(n)]
+  got = prompts.weigh_kinds(records, "a:0.3,b:2.5")
+  by_kind = {k: [r["prompt"] for r in got if r["kind"] == k] for k in "abc"}
+  assert len(by_kind["a"]) == 3 and len(set(by_kind["a"])) == 3  # a draw without repeats
+  counts = sorted(by_kind["b"].count(f"b {i}") for i in range(4))
+  assert counts == [2, 2, 3, 3]  # round(2.5 x 4) = 10: two whole copies, then 2 drawn without repeats
+  assert by_kind["c"] == ["c 0", "c 1", "c 2"]  # not named: as it was
+  assert prompts.weigh_kinds(records, "a:0.3,b:2.5") == got  # the same draw every time
+  with pytest.raises(ValueError, match="no prompts of kind z; kinds: a, b, c"):
+    prompts.weigh_kinds(records, "z:2")
+  with pytest.raises(ValueError, match="the weight of 'a' must be > 0"):
+    prompts.weigh_kinds(records, "a:0")
+  with pytest.raises(ValueError, match="'a=2' is not kind:weight"):
+    prompts.weigh_kinds(records, "a=2")
+  with pytest.raises(ValueError, match="prompt 0 has no 'kind'"):
+    prompts.weigh_kinds([{"prompt": "x"}], "a:2")
