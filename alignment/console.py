@@ -13,6 +13,7 @@ import JAX inside `main`, not at the top.
 import contextlib
 import logging
 import os
+import re
 import sys
 
 VERBOSITY = {"debug": 1, "info": 0, "warning": -1, "error": -2}  # absl's --verbosity numbers
@@ -83,3 +84,26 @@ def run(main, flags_parser=None):
       sys.exit(INTERRUPTED_EXIT_CODE)
 
   app.run(wrapped, flags_parser=lambda argv: parse(normalize_verbosity(argv)))
+
+
+def parse_config_flags(argv):
+  """absl flag parsing with every failure (unknown key, wrong type, bad preset) reduced to one line."""
+  from absl import flags
+  try:
+    argv = flags.FLAGS(argv)
+    _ = flags.FLAGS.config.algorithm  # a bad config file raises on first use: make that use here
+    return argv
+  except Exception as e:  # absl, ml_collections and config files raise a variety of types
+    text = str(e).replace("\\n", "\n")
+    if "Traceback" in text:  # raised inside the config file: its last line says what is wrong
+      text = re.sub(r"^\w*(Error|Exception): ", "", text.strip().splitlines()[-1])
+    text = " ".join(text.split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's message comes quoted
+      text = text[1:-1]
+    if isinstance(e, (AttributeError, KeyError)):  # an override names a key the config does not have
+      key = re.findall(r"[A-Za-z_]\w*", text.replace("\\", " "))[0]
+      culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a), "")
+      hint = text[text.find("Did you mean"):] if "Did you mean" in text else ""
+      text = f"{culprit}: no such config key {key!r}. {hint}".strip()
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)

@@ -8,7 +8,6 @@ libraries' logs.
 
 import faulthandler
 import json
-import re
 import signal
 import sys
 
@@ -35,28 +34,6 @@ def run(config, workdir: str, accept_config_changes: bool = False) -> dict:
   algorithm = registry.get(config.algorithm)
   initialize_distributed()
   return algorithm(config, workdir, accept_config_changes=accept_config_changes)
-
-
-def parse_flags(argv):
-  """absl flag parsing with every failure (unknown key, wrong type, bad preset) reduced to one line."""
-  try:
-    argv = flags.FLAGS(argv)
-    _ = flags.FLAGS.config.algorithm  # a bad config file raises on first use: make that use here
-    return argv
-  except Exception as e:  # absl, ml_collections and config files raise a variety of types
-    text = str(e).replace("\\n", "\n")
-    if "Traceback" in text:  # raised inside the config file: its last line says what is wrong
-      text = re.sub(r"^\w*(Error|Exception): ", "", text.strip().splitlines()[-1])
-    text = " ".join(text.split())
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's message comes quoted
-      text = text[1:-1]
-    if isinstance(e, (AttributeError, KeyError)):  # an override names a key the config does not have
-      key = re.findall(r"[A-Za-z_]\w*", text.replace("\\", " "))[0]
-      culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a), "")
-      hint = text[text.find("Did you mean"):] if "Did you mean" in text else ""
-      text = f"{culprit}: no such config key {key!r}. {hint}".strip()
-    print(f"error: {text}", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv):
@@ -86,4 +63,4 @@ def print_gym_comparison(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-  console.run(main, flags_parser=parse_flags)
+  console.run(main, flags_parser=console.parse_config_flags)

@@ -11,9 +11,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch is split over every axis that does not shard the model's width
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """Builds the mesh from {'data': d, 'fsdp': f, 'tensor': t}; at most one size may be -1 (the rest)."""
-  devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(sizes: Mapping[str, int], n_devices: int, what: str = "there are") -> tuple:
+  """The sizes of MESH_AXES from {'data': d, 'fsdp': f, 'tensor': t} over `n_devices`; at most one size may
+  be -1 (the rest)."""
   unknown = sorted(set(sizes) - set(MESH_AXES))
   if unknown:
     raise ValueError(f"config.mesh: unknown axis {unknown[0]!r}; the axes are {MESH_AXES}")
@@ -25,13 +25,20 @@ def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
       raise ValueError(f"config.mesh.{axis}={size}: sizes are positive or -1 (the rest)")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))}: {len(devices)} devices are not "
+    if n_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))}: {n_devices} devices are not "
                        f"divisible by {known}")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+    shape[shape.index(-1)] = n_devices // known
+  if math.prod(shape) != n_devices:
     raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices; "
-                     f"there are {len(devices)}")
+                     f"{what} {n_devices}")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """Builds the mesh from {'data': d, 'fsdp': f, 'tensor': t}; at most one size may be -1 (the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices))
   # jax.make_mesh orders the devices by the physical topology (TPU ICI rings, hosts), not by id.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

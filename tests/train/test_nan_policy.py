@@ -94,7 +94,7 @@ def test_halt_exits_nonzero_naming_the_step_with_the_last_checkpoint_intact(tmp_
   config.train.ckpt_every = 2
   workdir = tmp_path / "run"
   code = ("import sys; from tests.train.test_nan_policy import register_poisoned; register_poisoned(); "
-          "from absl import app; from alignment import main; app.run(main.main, flags_parser=main.parse_flags)")
+          "from absl import app; from alignment import console, main; app.run(main.main, flags_parser=console.parse_config_flags)")
   args = ["--config=configs/sft.py:tiny", f"--workdir={workdir}", "--config.algorithm=sft_poisoned",
           "--config.train.steps=8", "--config.train.ckpt_every=2", "--config.train.eval_every=0",
           "--config.train.nan_policy=halt", "--config.kernel.impl=naive", f"--config.data.data_dir={tmp_path / 'tfds'}"]
