@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -306,23 +305,6 @@ def test_sft_trains_on_the_gyms_chosen_answers(tmp_path):
   rows = [json.loads(line) for line in open(written[0])]
   assert rows == [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
   assert np.isfinite(summary["final_loss"])
-
-
-@pytest.mark.slow
-def test_a_sweep_rerun_skips_its_finished_points_and_keeps_one_row_each(tmp_path):
-  sweep = [sys.executable, "launch/sweep.py", "--config=configs/sft.py:tiny", f"--workdir={tmp_path / 'sweep'}",
-           "--config.train.steps=2", "--config.train.eval_every=0", "--config.kernel.impl=naive",
-           f"--config.data.data_dir={tmp_path / 'tfds'}"]
-  first = subprocess.run(sweep, cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert first.returncode == 0, first.stderr[-3000:]
-  second = subprocess.run(sweep, cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert second.stderr.count("this run finished at step 2 (train.steps=2); nothing to do") == 4
-  assert "step 1/2" not in second.stderr  # nothing trained again
-  rows = [json.loads(line) for line in open(tmp_path / "sweep" / "sweep.jsonl")]
-  assert len(rows) == 4 and len({json.dumps(r["point"], sort_keys=True) for r in rows}) == 4
-  assert all(np.isfinite(r["final_loss"]) for r in rows)
-  assert first.stdout == second.stdout  # the same table, losses included
 
 
 def test_every_value_outside_its_choices_is_named_before_anything_runs():

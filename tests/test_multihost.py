@@ -52,7 +52,10 @@ def _start(job, workdir, shared, processes, *overrides, mesh=MESH):
     args.append(f"--config.dpo.ref_cache_dir={shared / f'ref_cache_{processes}'}")
   procs = []
   for pid in range(processes):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    # Not the suite's persistent compilation cache: with it a process may run an executable another job's
+    # process 0 compiled, or its own, depending on timing; each process here compiles its own programs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_COMPILATION_CACHE",
+                                                                     "JAX_PERSISTENT_CACHE"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}", JAX_PLATFORMS="cpu")
     if processes > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
@@ -62,17 +65,24 @@ def _start(job, workdir, shared, processes, *overrides, mesh=MESH):
   return procs
 
 
+TIMEOUT_S = 600  # a job here takes 30-150 s on 2 cores, most of it compiling
+
+
 def _finish(procs, codes=(0,)):
   try:
-    outputs = [p.communicate(timeout=900) for p in procs]
+    outputs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
   except subprocess.TimeoutExpired:  # a stuck job: where each process waits (alignment.main dumps on SIGUSR1)
     for p in procs:
       p.send_signal(signal.SIGUSR1)
     time.sleep(5)
     for p in procs:
       p.kill()
-    stacks = [p.communicate()[1][-8000:] for p in procs]
-    pytest.fail("the job did not finish in 900 s; each process's stderr ends:\n" + "\n-----\n".join(stacks))
+    logs = []
+    for p in procs:  # what it logged last (its steps, XLA's warnings), then its threads' stacks
+      err = p.communicate()[1]
+      dump = min((i for i in (err.find("\nThread 0x"), err.find("\nCurrent thread 0x")) if i >= 0), default=len(err))
+      logs.append(err[:dump][-4000:] + "\n[stacks]\n" + err[dump:][-4000:])
+    pytest.fail(f"the job did not finish in {TIMEOUT_S} s; each process's log ends:\n" + "\n-----\n".join(logs))
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode in codes, err[-3000:]
   return outputs
