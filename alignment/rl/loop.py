@@ -73,9 +73,10 @@ def check_rl_config(config, mesh) -> None:
 
 def make_update(loss_fn, optimizers, *, epochs: int, minibatches: int, grad_accum_steps: int):
   """`update(state, batch) -> (state, metrics)`: `epochs` passes, each over `minibatches` minibatches of a
-  fresh shuffle of the batch's rows (one minibatch: the batch as it is), one optimizer step per minibatch (a scan: compiled once). The
-  state's `step` counts iterations; each optimizer schedule counts its own steps (epochs x minibatches
-  an iteration). Metrics are the minibatch steps' means (`train/skipped_steps`: the run's total)."""
+  fresh shuffle of the batch's rows (one minibatch: the batch as it is), one optimizer step per minibatch
+  (a scan: compiled once; a single step runs without the loop). The state's `step` counts iterations;
+  each optimizer schedule counts its own steps (epochs x minibatches an iteration). Metrics are the
+  minibatch steps' means (`train/skipped_steps`: the run's total)."""
   inner = make_train_step(loss_fn, optimizers, grad_accum_steps, "num_tokens")
   per_iteration = epochs * minibatches
 
@@ -83,6 +84,9 @@ def make_update(loss_fn, optimizers, *, epochs: int, minibatches: int, grad_accu
     iteration = state["step"]
     rng, shuffle_rng = jax.random.split(state["rng"])
     state = dict(state, step=iteration * per_iteration, rng=rng)
+    if per_iteration == 1:  # the batch as it is, one optimizer step: no loop around the step's collectives
+      state, metrics = inner(state, batch)
+      return dict(state, step=iteration + 1), metrics
     passes = []
     for key in jax.random.split(shuffle_rng, epochs):
       rows = jax.random.permutation(key, batch["mask"].shape[0]) if minibatches > 1 else None
