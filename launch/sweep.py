@@ -1,7 +1,7 @@
 """Runs the ablation grid a config file defines with `get_sweep(arg)`, one workdir per point and seed.
 
   python launch/sweep.py --config=configs/sft.py:tiny --workdir=workdirs/sweep [--seeds=3] [--parallel=2]
-      [--dry_run] [--config.train.steps=20 ...]   # extra flags passed to every run
+      [--dry_run [--launcher=local|slurm|tpu_pod]] [--config.train.steps=20 ...]   # extra flags: every run
 
 Each point is a dict of dotted config keys -> values; every key is checked against the config before
 the first run starts. With `--seeds=N` each point runs N times (`config.seed` and `config.train.seed` set
@@ -10,8 +10,13 @@ to 0..N-1) in WORKDIR/POINT/seed_K. Runs go one after another, or `--parallel` s
 WORKDIR/sweep.jsonl (one row per run, the latest) and printed as a table: per point, each final metric's
 mean over seeds and its 95% interval (Student's t), also drawn in WORKDIR/sweep.png. Re-running the sweep
 resumes unfinished runs and reprints finished ones from their saved summaries (`alignment.main` on a
-finished workdir). `--dry_run` prints the commands instead (for a pod or a cluster, feed them to
-launch/tpu_pod.sh or launch/gpu_slurm.sh).
+finished workdir). `--dry_run` prints what would run instead, for `--launcher`:
+  local     one `python -m alignment.main ...` line per run (the default);
+  slurm     a SLURM job-array script, one array task per run on a node of its own:
+            `python launch/sweep.py ... --dry_run --launcher=slurm > sweep.sbatch && sbatch sweep.sbatch`
+            (GPUS_PER_NODE, PARTITION, TIME and ACCOUNT, read when it is printed, as launch/gpu_slurm.sh reads them);
+  tpu_pod   one launch/tpu_pod.sh job per run, each on its own slice named TPU-<run index> (TPU, ZONE and
+            the script's other variables are read when the lines run; WORKDIR should then be a gs:// path).
 """
 
 import argparse
@@ -74,6 +79,29 @@ def commands(config_arg: str, workdir: str, extra, python: str = sys.executable,
       out.append((point, seed, run_dir, [python, "-m", "alignment.main", f"--config={config_arg}",
                                          f"--workdir={run_dir}", *overrides, *seeded, *extra]))
   return out
+
+
+LAUNCHERS = ("local", "slurm", "tpu_pod")
+
+
+def dry_run(launcher: str, runs: list) -> str:
+  """What `--dry_run` prints for `runs` (from `commands`, with python='python'): module docstring."""
+  if launcher == "local":  # for another machine: its `python`, not this one's venv
+    return "\n".join(shlex.join(cmd) for *_, cmd in runs)
+  if launcher == "tpu_pod":  # tpu_pod.sh installs the checkout on every worker and runs alignment.main there
+    return "\n".join(f'TPU="$TPU-{i}" ' + shlex.join(["launch/tpu_pod.sh", cmd[3].split("=", 1)[1], run_dir, *cmd[5:]])
+                     for i, (_, _, run_dir, cmd) in enumerate(runs))
+  sbatch = [f"--gpus-per-node={os.environ.get('GPUS_PER_NODE', '8')}"] + [
+      f"--{name.lower()}={os.environ[name]}" for name in ("PARTITION", "TIME", "ACCOUNT") if os.environ.get(name)]
+  venv = [os.path.join(".venv", "bin", "python")]  # the checkout's venv on the shared filesystem (make install-cuda)
+  lines = ["#!/usr/bin/env bash",
+           f"#SBATCH --job-name=sweep --array=0-{len(runs) - 1} --nodes=1 --ntasks=1 --exclusive",
+           f"#SBATCH {shlex.join(sbatch)} --chdir={shlex.quote(REPO)}",
+           f"#SBATCH --output={shlex.quote(os.path.join(REPO, 'slurm-%A_%a.out'))}",
+           "set -euo pipefail", "runs=("]
+  lines += [f"  {shlex.quote(shlex.join(venv + cmd[1:]))}" for *_, cmd in runs]
+  lines += [")", 'eval "${runs[$SLURM_ARRAY_TASK_ID]}"']
+  return "\n".join(lines)
 
 
 def write_results(path: str, row: dict) -> None:
@@ -167,6 +195,8 @@ def main(argv=None):
   parser.add_argument("--devices_per_run", type=int, default=0,
                       help="with --parallel: GPUs each run gets (CUDA_VISIBLE_DEVICES); 0 leaves them shared")
   parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+  parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                      help="with --dry_run: plain commands, a SLURM job array, or a TPU pod job per run")
   args, extra = parser.parse_known_args(argv)
   extra = [a for a in extra if a != "--"]
   unknown = [a for a in extra if not a.startswith("--config.")]
@@ -175,9 +205,8 @@ def main(argv=None):
   if args.seeds < 1 or args.parallel < 1 or args.devices_per_run < 0:
     parser.error(f"--seeds={args.seeds}, --parallel={args.parallel} (at least 1), "
                  f"--devices_per_run={args.devices_per_run} (at least 0)")
-  if args.dry_run:  # commands for another machine: its `python`, not this one's venv
-    for *_, cmd in commands(args.config, args.workdir, extra, python="python", seeds=args.seeds):
-      print(shlex.join(cmd))
+  if args.dry_run:
+    print(dry_run(args.launcher, commands(args.config, args.workdir, extra, python="python", seeds=args.seeds)))
     return
   runs = commands(args.config, args.workdir, extra, seeds=args.seeds)
   os.makedirs(args.workdir, exist_ok=True)

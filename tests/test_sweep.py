@@ -2,6 +2,8 @@
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,47 @@ def test_dry_run_prints_one_command_per_grid_point(separator):
     assert line.startswith("python -m alignment.main --config=configs/sft.py:tiny --workdir=W/")
     assert line.endswith("--config.train.steps=5")
   assert any("--config.optim.lr=0.001" in l and "--config.data.pack=False" in l for l in out)
+
+
+def _stub(path, body):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+  path.chmod(0o755)
+
+
+def _printed(argv, env=None):
+  return subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/sft.py:tiny", *argv], cwd=REPO,
+                        capture_output=True, text=True, check=True, env=env).stdout
+
+
+def test_dry_run_for_slurm_is_a_job_array_that_runs_each_point_once(tmp_path):
+  local = [shlex.split(line) for line in _printed(["--workdir=W", "--dry_run", "--config.train.steps=5"]).splitlines()]
+  script = tmp_path / "sweep.sbatch"
+  script.write_text(_printed(["--workdir=W", "--dry_run", "--launcher=slurm", "--config.train.steps=5"],
+                             env=dict(os.environ, PARTITION="gpu", GPUS_PER_NODE="4")))
+  head = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+  assert "--array=0-3" in head[0] and head[1].startswith("#SBATCH --gpus-per-node=4 --partition=gpu --chdir=")
+  if shutil.which("shellcheck"):
+    subprocess.run(["shellcheck", str(script)], check=True)
+  # Each array task, run by bash where the checkout's venv python prints the arguments it was given.
+  _stub(tmp_path / ".venv" / "bin" / "python", 'printf "%s\\n" "$@"')
+  for task, command in enumerate(local):
+    out = subprocess.run(["bash", str(script)], cwd=tmp_path, env=dict(os.environ, SLURM_ARRAY_TASK_ID=str(task)),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == command[1:]
+
+
+def test_dry_run_for_tpu_pods_is_one_pod_job_per_run(tmp_path):
+  lines = _printed(["--workdir=gs://bucket/sweep", "--dry_run", "--launcher=tpu_pod", "--seeds=2"]).splitlines()
+  assert len(lines) == 8
+  _stub(tmp_path / "launch" / "tpu_pod.sh", 'printf "%s\\n" "$TPU" "$@"')
+  jobs = [subprocess.run(["bash", "-c", line], cwd=tmp_path, env=dict(os.environ, TPU="slice"), capture_output=True,
+                         text=True, check=True).stdout.splitlines() for line in lines]
+  assert [job[0] for job in jobs] == [f"slice-{i}" for i in range(8)]  # a slice of its own each
+  assert all(job[1] == "configs/sft.py:tiny" for job in jobs)
+  assert len({job[2] for job in jobs}) == 8 and all(job[2].startswith("gs://bucket/sweep/") for job in jobs)
+  assert ["--config.data.pack=False", "--config.optim.lr=0.003", "--config.seed=1", "--config.train.seed=1"] in [
+      job[3:] for job in jobs]
 
 
 def test_an_extra_argument_that_is_not_an_override_is_refused():
