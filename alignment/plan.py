@@ -87,7 +87,7 @@ def model_config(name: str, config_model):
 class Step(NamedTuple):
   rows: int        # rows a step, all devices
   tokens: int      # tokens a row
-  parts: dict      # name -> (trains, reward head); in the state's order
+  parts: dict      # name -> (trains, scalar head); in the state's order; every model the policy's shape
 
 
 def step_shape(config) -> Step:
@@ -103,12 +103,14 @@ def step_shape(config) -> Step:
   parts = {"reward": (True, True)} if algorithm == "rm" else {"policy": (True, False)}
   if algorithm == "dpo" and config.dpo.reference == "live":
     parts["ref"] = (False, False)
-  if algorithm in ("grpo", "ppo") and config.rl.get("kl_coef", 0) > 0:
-    parts["ref"] = (False, False)
+  if algorithm in ("grpo", "ppo"):
+    from alignment.rl import presets  # the loss preset fills in the KL coefficient
+    if presets.resolve(config).kl_coef > 0:
+      parts["ref"] = (False, False)
   if algorithm == "ppo":
     parts["value"] = (True, True)
-    if config.rl.get("reward_model"):
-      parts["reward"] = (False, True)
+  if algorithm in ("grpo", "ppo") and "reward_model" in config.rl.rewards:  # scored on the devices (its shape assumed)
+    parts["reward"] = (False, True)
   return Step(rows, tokens, parts)
 
 
@@ -126,9 +128,10 @@ def _device_bytes(tree) -> int:
 
 
 def state_bytes(config, cfg, step: Step, mesh) -> dict:
-  """Bytes a device holds, exact: 'params', 'optimizer' (its state, and the step's few counters), 'gradients'; and for the activation model:
-  'embedding_gradient' (the trained embedding's, apart from the layers' while they run), 'layer' and
-  'embedding' (a device's share of one layer and of the embedding tables of every part in the step)."""
+  """Bytes a device holds, exact: 'params', 'optimizer' (its state and the step's few counters) and
+  'gradients'; for the activation model, 'embedding_gradient' (the trained embedding's, apart from the
+  layers' while they run), 'layer' and 'embedding' (a device's share of one layer and of the embedding
+  tables of every part in the step)."""
   from alignment.train import state as state_lib
   from alignment.train.model import _module
   from alignment.train.optim import model_optimizer

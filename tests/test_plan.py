@@ -134,3 +134,14 @@ def test_bad_input_is_named(kwargs, overrides, message):
     config.algorithm = overrides["train__algorithm"]
   with pytest.raises(ValueError, match="^" + re.escape(message)):
     plan.plan(config, **kwargs)
+
+
+def test_each_algorithm_counts_the_models_its_step_holds():
+  from configs import dpo as dpo_config
+  from configs import ppo as ppo_config
+  sft = plan.plan(_config("tiny"))
+  dpo = plan.plan(dpo_config.get_config("tiny"))
+  ppo = plan.plan(ppo_config.get_config("tiny"))
+  assert sft["parts"] == ["policy"] and dpo["parts"] == ["policy", "ref"] and ppo["parts"] == ["policy", "ref", "value"]
+  assert dpo["params_bytes"] == 2 * sft["params_bytes"] and dpo["optimizer_bytes"] == sft["optimizer_bytes"]
+  assert ppo["gradients_bytes"] > 1.9 * sft["gradients_bytes"]  # the value model trains too
