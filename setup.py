@@ -37,7 +37,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.50", "accelerate>=1.0",
                  "gcp-storage-emulator>=2024.1", "openai>=1.40",
-                 "lm-eval[api]==0.4.13"],
+                 "lm-eval[api]==0.4.13", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "bench": ["torch==2.13.0", "transformers>=4.50", "accelerate>=1.0", "trl>=1.0", "datasets>=3.0"],
     },
 )
