@@ -79,9 +79,12 @@ def model_config(name: str, config_model):
     return hf.model_config(gguf.hf_config(gguf.read_metadata(str(path))), **runtime)
   if hf.is_hf_dir(str(path)):
     with open(f"{path}/config.json") as f:
-      return hf.model_config(json.load(f), **runtime)
+      config = json.load(f)
+    if "algorithm" in config:  # a training run's workdir: the model it trained
+      return model_config(config["model"]["name"], config_model)
+    return hf.model_config(config, **runtime)
   raise ValueError(f"--model={name!r}: not a named size ({', '.join(SIZES)}), a preset ({', '.join(models.PRESETS)}), "
-                   f"a model name ({', '.join(registry.NAMED_GGUFS)}), a .gguf file or an HF directory")
+                   f"a model name ({', '.join(registry.NAMED_GGUFS)}), a .gguf file, an HF directory or a workdir")
 
 
 class Step(NamedTuple):
@@ -273,7 +276,7 @@ def define_flags() -> None:
   """The command's flags (defined when it runs, so that importing the planner defines none)."""
   config_flags.DEFINE_config_file("config", None, "configs/<algorithm>.py:<preset>[,key=value]", lock_config=True)
   flags.DEFINE_string("model", None, "plan another model than config.model.name: a named size (1B, 8B), a preset, "
-                      "a model name, a .gguf file or an HF directory")
+                      "a model name, a .gguf file, an HF directory or a workdir")
   flags.DEFINE_string("chip", None, "the accelerator: v5e, v5p, H100 (its memory and peak bf16 FLOP/s)")
   flags.DEFINE_integer("devices", None, "devices in the job (default: this machine's)")
   flags.DEFINE_bool("json", False, "print the plan as one JSON object")

@@ -145,3 +145,11 @@ def test_each_algorithm_counts_the_models_its_step_holds():
   assert sft["parts"] == ["policy"] and dpo["parts"] == ["policy", "ref"] and ppo["parts"] == ["policy", "ref", "value"]
   assert dpo["params_bytes"] == 2 * sft["params_bytes"] and dpo["optimizer_bytes"] == sft["optimizer_bytes"]
   assert ppo["gradients_bytes"] > 1.9 * sft["gradients_bytes"]  # the value model trains too
+
+
+def test_a_workdir_plans_the_model_its_run_trained(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"algorithm": "sft", "model": {"name": "smollm2-135m"}}))
+  config = _config("tiny")
+  assert plan.plan(config, model=str(workdir))["params_bytes"] == plan.plan(config, model="smollm2-135m")["params_bytes"]
