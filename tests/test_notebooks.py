@@ -16,7 +16,7 @@ def _run(path, monkeypatch):
   outputs, by code cell."""
   import nbclient
   import nbformat
-  monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", ""))
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", ""))
   notebook = nbformat.read(path, as_version=4)
   nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                           resources={"metadata": {"path": os.path.dirname(path)}}).execute()
@@ -26,7 +26,7 @@ def _run(path, monkeypatch):
 
 def test_the_notebooks_are_the_ones_the_readme_links():
   names = [os.path.basename(p) for p in NOTEBOOKS]
-  assert names == ["kernel.ipynb", "quickstart.ipynb"]
+  assert names == ["kernel.ipynb", "quickstart.ipynb", "rlhf.ipynb"]
   readme = open(os.path.join(REPO, "README.md")).read()
   assert all(f"notebooks/{name}" in readme for name in names)
 
@@ -47,3 +47,14 @@ def test_kernel_notebook_shows_equal_numbers_and_the_memory_saved(monkeypatch):
   outputs = _run(os.path.join(REPO, "notebooks", "kernel.ipynb"), monkeypatch)
   assert "equal within float32 rounding" in outputs[1]
   assert "naive:" in outputs[2] and "x less" in outputs[2]
+
+
+@pytest.mark.slow
+def test_rlhf_notebook_trains_a_reward_model_then_ppo_and_grpo(monkeypatch):
+  outputs = _run(os.path.join(REPO, "notebooks", "rlhf.ipynb"), monkeypatch)
+  reward_model, ppo, grpo = outputs[2], outputs[3], outputs[4]
+  assert "held-out pairs ranked right:" in reward_model and "accuracy" in reward_model
+  for out, steps in ((ppo, 12), (grpo, 40)):
+    assert f'"steps": {steps},' in out and '"skipped_steps": 0' in out
+    assert "reward/mean" in out and "kl/ref" in out
+  assert "value/mean" in ppo
