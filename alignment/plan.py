@@ -17,10 +17,10 @@ a model of what XLA keeps:
     scores ('all_dots'); everything autodiff keeps, 6 d_ff + 7 d_model more and the softmax twice ('none').
   * the larger of two working peaks: the backward of one layer (its recomputed intermediates, the scores'
     gradients), or the loss head (float32 logits of one vocabulary block).
-Their coefficients (`_WORK`) were fitted to `compiled.memory_analysis()` of 36 CPU train steps of small
+Their coefficients (`_WORK`) were fitted to `compiled.memory_analysis()` of 67 CPU train steps of small
 models (d_model 64-128, d_ff 128-512, vocab 512-2048, 2-4 layers, 64-512 tokens, every remat; within
-17% of each) and predict SmolLM2-135M's, which they never saw, within 9% (tests/test_plan.py checks 20%). Other backends
-schedule differently: on a TPU or GPU read them as an estimate, and leave headroom.
+17% of each) and predict SmolLM2-135M's, which they never saw, within 9% (tests/test_plan.py checks
+20%). Other backends schedule differently: on a TPU or GPU read them as an estimate, and leave headroom.
 
 Rows a step: sft, rm and dpo `train.batch_size` rows of `data.seq_len` tokens; grpo and ppo
 `rl.prompts_per_step` x `rl.group_size` rows of `rl.max_prompt_tokens + rl.max_new_tokens` (the widest
@@ -57,8 +57,16 @@ CHIPS = {"v5e": Chip(16 * GiB, 197e12), "v5p": Chip(95 * GiB, 459e12), "H100": C
 # Working-buffer coefficients fitted to XLA:CPU's buffer assignment (module docstring): a layer's backward
 # (its intermediates, its attention scores), the loss head's logits block, hidden-size float32 buffers.
 _WORK = dict(layer=0.44, scores=2.36, head=2.40, hidden=11.1)
-_HEAD_BLOCK = 1024  # vocabulary columns the fused log-prob kernel holds at once (alignment.kernels.BLOCKS)
+
 ALGORITHMS = ("sft", "rm", "dpo", "grpo", "ppo")
+
+
+def _mean_keys(tokens: int) -> float:
+  """Keys a query attends to on average in training's causal attention: query block i of B reads the
+  first (i + 1) / B of the keys (alignment.models.transformer.query_blocks)."""
+  from alignment.models.transformer import query_blocks
+  blocks = query_blocks(tokens)
+  return tokens * (blocks + 1) / (2 * blocks)
 
 
 def model_config(name: str, config_model):
@@ -160,7 +168,7 @@ def _saved_per_token(cfg, tokens: int, tensor: int) -> tuple:
   b = 2 if cfg.dtype == "bfloat16" else 4
   split = lambda n: n / tensor if n % tensor == 0 else n  # what the tensor axis divides
   attn_width = split(cfg.n_heads * cfg.head_dim)
-  keys = 0.625 * tokens if tokens % 4 == 0 and tokens >= 128 else tokens  # mean keys a query (4 query blocks)
+  keys = _mean_keys(tokens)
   if cfg.sliding_window:
     keys = min(keys, cfg.sliding_window)
   scores = 4 * split(cfg.n_heads) * keys
@@ -186,7 +194,8 @@ def activation_bytes(cfg, step: Step, mesh, grad_accum: int, state: dict) -> dic
   models = sum(1 for trains, _ in step.parts.values() if trains)
   kept = models * cfg.n_layers * n * saved
   hidden = _WORK["hidden"] * n * cfg.d_model * 4
-  vocab = min(cfg.vocab_size, _HEAD_BLOCK)
+  from alignment.kernels import BLOCKS
+  vocab = min(cfg.vocab_size, BLOCKS["xla"]["cpu"]["block_vocab"])  # the columns of logits the fitted kernel holds
   vocab = vocab / mesh.shape["tensor"] if vocab % mesh.shape["tensor"] == 0 else vocab
   heads = any(trains and not head for trains, head in step.parts.values())
   # Accumulating micro-batches, the step sums each one's gradients into a float32 total: a second copy.
@@ -206,8 +215,7 @@ def step_flops(cfg, step: Step) -> float:
   tokens = step.rows * step.tokens
   qkvo = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
   layer = 2 * (qkvo + 3 * cfg.d_model * cfg.d_ff)  # a token's weight matmuls
-  keys = 0.625 * step.tokens if step.tokens % 4 == 0 and step.tokens >= 128 else step.tokens
-  attention = 2 * 2 * cfg.n_heads * cfg.head_dim * keys  # q k^T and p v
+  attention = 2 * 2 * cfg.n_heads * cfg.head_dim * _mean_keys(step.tokens)  # q k^T and p v
   recompute = {"none": 0, "full": layer + attention, "dots": attention, "all_dots": 0}[cfg.remat]
   total = 0.0
   for trains, head in step.parts.values():

@@ -1,5 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom on this machine's CPU (their short CPU settings), executed by
-nbclient in a fresh kernel; a cell that raises fails the test. The notebooks check their own numbers
+"""Every notebook in notebooks/ runs top to bottom on this machine's CPU (their short CPU settings),
+executed by nbclient in a fresh kernel; a cell that raises fails the test. The notebooks check their own numbers
 (the kernel notebook: fused equals naive, and holds less memory); here the printed results are read too."""
 
 import glob

@@ -286,6 +286,12 @@ def _dense(x, w, contract: int = 1):
   return (x.reshape(-1, n_in) @ w.reshape(n_in, -1)).reshape(*lead, *out)
 
 
+def query_blocks(tokens: int) -> int:
+  """How many query blocks attention over `tokens` (no cache) runs in: _QUERY_BLOCKS, or 1 when they would
+  not divide the tokens evenly into blocks of at least 32."""
+  return _QUERY_BLOCKS if tokens % _QUERY_BLOCKS == 0 and tokens >= _QUERY_BLOCKS * 32 else 1
+
+
 def _qkv(cfg: ModelConfig, x, w):
   """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, KV, Dh], from q, k, v or a fused `qkv`."""
   dtype = x.dtype
@@ -328,7 +334,7 @@ def _attention(cfg: ModelConfig, x, w, rope, mask, cache=None, slot=None):
                "v": jax.lax.dynamic_update_slice(cache["v"], v, (0, 0, slot, 0))}
     out = _attend(cfg, q, cache["k"].astype(dtype), cache["v"].astype(dtype), mask, cached=True)
   else:
-    blocks = _QUERY_BLOCKS if T % _QUERY_BLOCKS == 0 and T >= _QUERY_BLOCKS * 32 else 1
+    blocks = query_blocks(T)
     size = T // blocks
     out = jnp.concatenate([_attend(cfg, q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size],
                                    mask[:, i * size:(i + 1) * size, :(i + 1) * size]) for i in range(blocks)], axis=1)
