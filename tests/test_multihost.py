@@ -97,6 +97,14 @@ def _records(workdir):
 SCALES = {"kl/ref": 150.0, "kl/k3_token": 6.2, "policy/kl_loss": 6.2}
 
 
+def _sign_of_noise(step, key):
+  """Before DPO's first update (the eval at step 0, the train metrics of step 1) the policy is its
+  reference, so every pair's reward margin is rounding noise and the share of pairs with a positive one
+  (`rewards/accuracies`) is that noise's sign: another mesh sums in another order and may flip it (seen:
+  one pair in 8). The margins themselves are still compared."""
+  return step <= 1 and key.endswith("rewards/accuracies")
+
+
 def _assert_same_run(got, want):
   """Every metric of every step (timings aside) within 1e-5 of its scale."""
   assert sorted(got) == sorted(want)
@@ -105,6 +113,8 @@ def _assert_same_run(got, want):
     keys = [k for k in want[step] if not timing(k)]
     assert sorted(keys) == sorted(k for k in got[step] if not timing(k))
     for key in keys:
+      if _sign_of_noise(step, key):
+        continue
       assert abs(got[step][key] - want[step][key]) <= 1e-5 * max(1.0, abs(want[step][key]), SCALES.get(key, 0)), \
           (step, key, got[step][key], want[step][key])
 
