@@ -2,6 +2,7 @@
 reference bounded; a resumed run continues the uninterrupted one; dynamic sampling fills the batch with
 groups whose rewards differ; the sampler / trainer mismatch is measured; bad configs stop first."""
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -51,13 +52,27 @@ def _run_on_one_device(loss, workdir, *overrides):
   return json.loads((workdir / "summary.json").read_text()), metrics.read_metrics(str(workdir))
 
 
+@pytest.fixture(scope="module")
+def preset_runs(request, tmp_path_factory):
+  """The runs of the presets this session tests, two at a time (one compiles on one core while the other
+  runs): loss -> a future of (summary, records)."""
+  losses = [item.callspec.params["loss"] for item in request.session.items
+            if item.originalname == "test_each_preset_raises_its_rule_reward_with_the_kl_bounded"]
+  root = tmp_path_factory.mktemp("presets")
+  pool = concurrent.futures.ThreadPoolExecutor(2)
+  try:
+    yield {loss: pool.submit(_run_on_one_device, loss, root / loss, f"--config.rl.rewards=vowels:{WEIGHTS.get(loss, 1.0)}",
+                             f"--config.rl.minibatches={MINIBATCHES.get(loss, 1)}", f"--config.train.steps={STEPS}")
+           for loss in losses}
+  finally:
+    pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ALL_LOSSES)
-def test_each_preset_raises_its_rule_reward_with_the_kl_bounded(tmp_path, loss):
+def test_each_preset_raises_its_rule_reward_with_the_kl_bounded(preset_runs, loss):
   weight = WEIGHTS.get(loss, 1.0)
-  summary, records = _run_on_one_device(loss, tmp_path / "run", f"--config.rl.rewards=vowels:{weight}",
-                                        f"--config.rl.minibatches={MINIBATCHES.get(loss, 1)}",
-                                        f"--config.train.steps={STEPS}")
+  summary, records = preset_runs[loss].result()
   steps = sorted(records)
   assert steps == list(range(1, STEPS + 1))
   reward = np.array([records[s]["reward/vowels"] for s in steps])
@@ -82,13 +97,13 @@ def test_each_preset_raises_its_rule_reward_with_the_kl_bounded(tmp_path, loss):
 
 
 def test_a_resumed_run_continues_the_uninterrupted_one(tmp_path):
-  config = _config("grpo", kl_target=0.5, kl_horizon=50)  # the adaptive coefficient moves and must be restored
-  config.train.steps = 6
-  _, straight = _run(config, tmp_path / "straight")
-  config.train.steps = 3
-  _run(config, tmp_path / "resumed")
-  config.train.steps = 6
-  summary, resumed = _run(config, tmp_path / "resumed")
+  """On one device, like the presets above (the 2-host test resumes a job onto another mesh)."""
+  adaptive = ("--config.rl.kl_target=0.5", "--config.rl.kl_horizon=50")  # the coefficient moves: restored too
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the straight run beside the first half
+    straight = pool.submit(_run_on_one_device, "grpo", tmp_path / "straight", *adaptive, "--config.train.steps=6")
+    pool.submit(_run_on_one_device, "grpo", tmp_path / "resumed", *adaptive, "--config.train.steps=3").result()
+    straight = straight.result()[1]
+  summary, resumed = _run_on_one_device("grpo", tmp_path / "resumed", *adaptive, "--config.train.steps=6")
   assert summary["start_step"] == 3
   assert sorted(resumed) == sorted(straight)
   assert len({straight[s]["kl_coef"] for s in straight}) > 2

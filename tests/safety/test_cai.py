@@ -236,14 +236,17 @@ def test_the_sft_and_dpo_trainers_read_what_the_pipeline_writes(policy, tmp_path
   feedback = [json.loads(line) for line in (out / "feedback.jsonl").read_text().splitlines()]
   assert len(feedback) == 8 + len(sft_rows)
   assert len((out / "preferences.jsonl").read_text().splitlines()) == sum(r["choice"] != "tie" for r in feedback)
-  for config, data in (("configs/sft.py:tiny,steps=2", "sft.jsonl"), ("configs/dpo.py:tiny,steps=2", "preferences.jsonl")):
-    workdir = tmp_path / data
-    proc = subprocess.run([sys.executable, "-m", "alignment.main", f"--config={config}", f"--workdir={workdir}",
-                           f"--config.data.train_path={out / data}", "--config.data.eval_fraction=0.25",
-                           "--config.train.eval_at_start=false"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (workdir / "checkpoints").is_dir()
+  one_device = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  runs = {data: subprocess.Popen([sys.executable, "-m", "alignment.main", f"--config={config}",
+                                  f"--workdir={tmp_path / data}", f"--config.data.train_path={out / data}",
+                                  "--config.data.eval_fraction=0.25", "--config.train.eval_at_start=false"],
+                                 cwd=REPO, env=one_device, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for config, data in (("configs/sft.py:tiny,steps=2", "sft.jsonl"),
+                               ("configs/dpo.py:tiny,steps=2", "preferences.jsonl"))}  # side by side
+  for data, proc in runs.items():
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert (tmp_path / data / "checkpoints").is_dir()
 
 
 def test_the_command_refuses_a_bad_constitution_and_a_model_without_a_chat_template(tmp_path):
