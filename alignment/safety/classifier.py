@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignment.evals import graders
 from alignment.parallel import replicated, shard_batch
 from alignment.train import registry
 from alignment.train.model import setup_model
@@ -324,7 +325,9 @@ def threshold_report(calibration: tuple, split: tuple, kinds, saved: float) -> d
                  "calibration_fpr": chosen["fpr"], "tpr": rate(labels, chosen["threshold"]),
                  "fpr": rate(~labels, chosen["threshold"])})
   kinds = np.asarray(kinds)
+  flagged = scores >= saved
   return {"saved_threshold": saved, "table": rows,
+          "saved": {"tpr": graders.rate(flagged[labels]), "fpr": graders.rate(flagged[~labels])},
           "flagged_by_kind": {k: rate(kinds == k, saved) for k in dict.fromkeys(kinds.tolist())},
           "auc": {"calibration": roc_auc(cal_scores, cal_labels), "split": roc_auc(scores, labels)}}
 
@@ -337,6 +340,8 @@ def format_report(report: dict) -> str:
                  f"{r['calibration_fpr']:>8.1%} {r['tpr']:>6.1%} {r['fpr']:>6.1%}")
   flagged = ", ".join(f"{k} {v:.1%}" for k, v in report["flagged_by_kind"].items())
   lines.append(f"flagged at the saved threshold ({report['saved_threshold']:.3f}): {flagged}")
+  cell = lambda r: f"{r['rate']:.1%} [{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] of {r['n']}"
+  lines.append(f"  harmful and jailbreak (TPR) {cell(report['saved']['tpr'])}; benign (FPR) {cell(report['saved']['fpr'])}")
   lines.append(f"ROC AUC: calibration {report['auc']['calibration']:.4f}, this split {report['auc']['split']:.4f}")
   return "\n".join(lines)
 
@@ -346,7 +351,8 @@ def main(argv) -> None:
   from alignment.safety import data as safety_data
   F = flags.FLAGS
   clf = Classifier(F.workdir)
-  splits = safety_data.load_splits(clf.config.data.seed)
+  splits = {name: safety_data.sample_per_kind(records, F.per_kind, clf.config.data.seed)
+            for name, records in safety_data.load_splits(clf.config.data.seed).items()}
 
   def scored(name):
     records = splits[name]
@@ -366,6 +372,7 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "a classifier run's workdir", required=True)
   flags.DEFINE_enum("split", "held_out", ["train", "calibration", "held_out"], "which safety split to report on")
+  flags.DEFINE_integer("per_kind", 0, "score a seeded sample of each split: at most N prompts of each kind (0: all)")
   flags.DEFINE_integer("batch_size", 16, "sequences a scoring batch")
   flags.DEFINE_string("output", "", "also write the report as JSON here")
   app.run(main)

@@ -173,6 +173,18 @@ def load_splits(seed: int = 0, root: str | os.PathLike | None = None) -> dict[st
   return {s: [dict(r) for r in rows] for s, rows in loaded.items()}
 
 
+def sample_per_kind(rows, per_kind: int, seed: int = 0) -> list[dict]:
+  """Up to `per_kind` rows of each kind, drawn at random with `seed` (every row when per_kind is 0): the
+  same sample for the same rows, so a classifier trained on one is reported on the same one."""
+  if not per_kind:
+    return list(rows)
+  rng, out = random.Random(seed), []
+  for kind in KINDS:
+    mine = [r for r in rows if r["kind"] == kind]
+    out += rng.sample(mine, min(per_kind, len(mine)))
+  return out
+
+
 def counts(splits) -> dict:
   """{split: {kind: n}}: the table DATA.md and the README show."""
   return {s: {k: sum(r["kind"] == k for r in rows) for k in KINDS} for s, rows in splits.items()}

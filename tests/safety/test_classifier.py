@@ -324,4 +324,22 @@ def test_the_threshold_report_applies_calibration_thresholds_to_the_split():
     assert row["fpr"] == pytest.approx((split[~labels] >= row["threshold"]).mean())
   assert report["flagged_by_kind"]["edgy"] == pytest.approx((split[kinds == "edgy"] >= 1.0).mean())
   assert sorted(report["flagged_by_kind"]) == ["edgy", "everyday", "harmful"]
-  assert "calibration FPR target" in clf_lib.format_report(report)
+  flagged = split >= 1.0
+  assert report["saved"]["tpr"]["passed"] == flagged[labels].sum() and report["saved"]["tpr"]["n"] == labels.sum()
+  assert report["saved"]["fpr"]["passed"] == flagged[~labels].sum() and report["saved"]["fpr"]["n"] == (~labels).sum()
+  text = clf_lib.format_report(report)
+  assert "calibration FPR target" in text
+  lo, hi = report["saved"]["tpr"]["ci95"]
+  assert f"harmful and jailbreak (TPR) {flagged[labels].mean():.1%} [{lo:.1%}, {hi:.1%}] of {labels.sum()}" in text
+
+
+def test_a_sample_per_kind_takes_at_most_n_of_each_kind_the_same_each_time():
+  from alignment.safety import data as safety_data
+  rows = [{"kind": kind, "prompt": f"{kind} {i}"} for kind, n in (("harmful", 9), ("edgy", 3), ("everyday", 5))
+          for i in range(n)]
+  sample = safety_data.sample_per_kind(rows, 4, seed=0)
+  assert {k: sum(r["kind"] == k for r in sample) for k in ("harmful", "edgy", "everyday")} == \
+      {"harmful": 4, "edgy": 3, "everyday": 4}
+  assert len({r["prompt"] for r in sample}) == len(sample) and all(r in rows for r in sample)
+  assert sample == safety_data.sample_per_kind(rows, 4, seed=0) != safety_data.sample_per_kind(rows, 4, seed=1)
+  assert safety_data.sample_per_kind(rows, 0) == rows
