@@ -80,9 +80,13 @@ def test_safety_notebook_trains_a_classifier_guards_a_policy_and_runs_a_red_team
   assert counts.splitlines()[0].startswith("train ") and "held_out" in counts
   assert '"calibration/fpr"' in trained and '"skipped_steps": 0' in trained
   # A probe on SmolLM2 trained on 96 real prompts ranks 45 held-out ones (chance: 0.5).
-  auc = float(measured.split("ROC AUC ")[1].split(",")[0])
-  assert auc >= 0.85
-  assert sum(line.startswith("  ") and " flagged " in line for line in measured.splitlines()) == 6  # one a kind
+  assert float(measured.split("this split ")[1].split()[0]) >= 0.85
+  per_kind = measured.split("flagged at the saved threshold")[1].splitlines()[0]
+  assert all(f" {kind} " in per_kind for kind in ("harmful", "jailbreak", "careful", "edgy", "over_refusal", "everyday"))
+  assert "harmful and jailbreak (TPR)" in measured
+  # The report's calibration sample is the one trained on: its 5% row chose the threshold saved.
+  five = next(line.split() for line in measured.splitlines() if line.split()[:1] == ["5%"])
+  assert five[1] == measured.split("flagged at the saved threshold (")[1].split(")")[0]
   answers = guarded.split(">>> ")[1:]
   assert len(answers) == 5 and all(len(a.strip().splitlines()) >= 2 for a in answers)
   assert "attacks from 1 train behaviours" in round_ and '"final_loss"' in round_
