@@ -37,6 +37,8 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False, probe_tap
                  remat=model_config.remat, scan_layers=model_config.scan_layers,
                  frozen_layers=model_config.get("frozen_layers", 0),
                  frozen_embeddings=model_config.get("frozen_embeddings", False))
+  if is_workdir(model_config.name):
+    return _setup_from_run(model_config, seed, reward_head=reward_head, probe_taps=probe_taps)
   tokenizer = None
   if model_config.name in models.PRESETS:
     cfg = models.get_model_config(model_config.name, **runtime)
@@ -57,6 +59,29 @@ def setup_model(model_config, seed: int, *, reward_head: bool = False, probe_tap
     # frozen reference loaded from one host tree would then be one buffer, donated twice.
     load_params = lambda shardings: jax.device_put(jax.tree.map(np.array, host_params), shardings)
   return ModelSetup(cfg, state_lib.model_spec(make), load_params, tokenizer)
+
+
+def _setup_from_run(model_config, seed: int, *, reward_head: bool, probe_taps: tuple) -> ModelSetup:
+  """`config.model.name` = a training run's workdir: the model that run trained (its config.json's
+  `model.name`, with this config's dtype, remat, scan and freezing), its params from the run's latest
+  checkpoint: how SFT is followed by DPO, an RM or RL. A reward head or probe starts fresh on them."""
+  workdir = workdir_lib.resolve(model_config.name)
+  check_model_source(model_config.name, "config.model.name", generating=False)
+  run = json.loads((workdir / "config.json").read_text())
+  if run["algorithm"] not in ("sft", "dpo", "ppo", "grpo"):
+    raise ValueError(f"config.model.name={model_config.name}: a {run['algorithm']!r} run holds no policy to "
+                     f"start from; give an sft, dpo, ppo or grpo workdir")
+  base_config = ml_collections.ConfigDict(model_config.to_dict())
+  base_config.name = run["model"]["name"]
+  base = setup_model(base_config, seed, reward_head=reward_head, probe_taps=probe_taps)
+  restore = lambda shardings: checkpoint.restore_entry(workdir / "checkpoints", "policy", sharding=shardings)[0]
+  if not (reward_head or probe_taps):
+    return base._replace(load_params=restore)
+
+  def load_params(shardings):
+    fresh_head = base.load_params(shardings)["head"]  # loads the base backbone too: once, at start-up
+    return {"backbone": restore(shardings["backbone"]), "head": fresh_head}
+  return base._replace(load_params=load_params)
 
 
 def _module(cfg, reward_head: bool, probe_taps: tuple = ()):
