@@ -130,16 +130,20 @@ def roc_auc(scores, labels) -> float:
 
 def resolve_path(path: str, data_config) -> str:
   """`safety:<split>` -> a JSONL of that split's prompts (label 1 harmful, 0 benign) under the data dir,
-  rewritten when its content changed; any other path as given."""
+  rewritten when its content changed; `safety:<split>:<N>` -> N prompts of each kind of the split
+  (`safety.data.sample_per_kind`, seeded by `data_config.seed`); any other path as given."""
   if not path.startswith(SAFETY_PREFIX):
     return path
   from alignment.safety import data as safety_data
-  split = path[len(SAFETY_PREFIX):]
-  if split not in safety_data.SPLITS:
-    raise ValueError(f"{path!r}: expected one of {[SAFETY_PREFIX + s for s in safety_data.SPLITS]}")
-  rows = [{"prompt": r["prompt"], "label": int(r["label"] == "harmful")}
-          for r in safety_data.load_splits(data_config.seed)[split]]
-  out = os.path.join(data_dir(data_config), "safety", f"{split}_seed{data_config.seed}.jsonl")
+  split, _, per_kind = path[len(SAFETY_PREFIX):].partition(":")
+  if split not in safety_data.SPLITS or not (per_kind == "" or per_kind.isdigit() and int(per_kind) > 0):
+    raise ValueError(f"{path!r}: expected safety:<split> or safety:<split>:<prompts of each kind>, the split one "
+                     f"of {', '.join(safety_data.SPLITS)}")
+  records = safety_data.sample_per_kind(safety_data.load_splits(data_config.seed)[split], int(per_kind or 0),
+                                        data_config.seed)
+  rows = [{"prompt": r["prompt"], "label": int(r["label"] == "harmful")} for r in records]
+  name = f"{split}_seed{data_config.seed}" + (f"_{per_kind}_per_kind" if per_kind else "")
+  out = os.path.join(data_dir(data_config), "safety", f"{name}.jsonl")
   text = "".join(json.dumps(r) + "\n" for r in rows)
   if not (os.path.exists(out) and open(out, encoding="utf-8").read() == text):
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -304,8 +304,13 @@ def test_safety_paths_write_the_splits_prompts_with_their_labels(tmp_path):
   before = os.path.getmtime(path)
   assert clf_lib.resolve_path("safety:calibration", d) == path and os.path.getmtime(path) == before  # unchanged
   assert clf_lib.resolve_path("/some/file.jsonl", d) == "/some/file.jsonl"
-  with pytest.raises(ValueError, match="'safety:test': expected one of"):
-    clf_lib.resolve_path("safety:test", d)
+  sampled = labelled.read_examples(clf_lib.resolve_path("safety:calibration:3", d))
+  want = safety_data.sample_per_kind(want, 3, seed=0)
+  assert len(want) == 3 * len(safety_data.KINDS)
+  assert [r["messages"][0]["content"] for r in sampled] == [w["prompt"] for w in want]
+  for bad in ("safety:test", "safety:train:0", "safety:train:x"):
+    with pytest.raises(ValueError, match=f"'{bad}': expected safety:<split> or safety:<split>:<prompts of each kind>"):
+      clf_lib.resolve_path(bad, d)
 
 
 def test_the_threshold_report_applies_calibration_thresholds_to_the_split():
