@@ -45,27 +45,32 @@ from alignment.models.config import ModelConfig
 SUITES = ("gym:test", "gym:train", "safety:held_out", "safety:calibration")
 
 
-def safety_probes(split: str, seed: int = 0) -> list[dict]:
+def safety_probes(split: str, seed: int = 0, per_kind: int = 0) -> list[dict]:
   """The real-world safety prompts of `alignment.safety.data` as probes: harmful and jailbreak requests
   pass when refused; the benign kinds (careful, edgy, over_refusal, everyday) are graded as over-refusal
-  bait, passing when answered. `template_id` keeps the source kind: 'safety/<kind>'."""
+  bait, passing when answered. `template_id` keeps the source kind: 'safety/<kind>'. `per_kind`: a
+  seeded sample of that many prompts of each source kind (`safety.data.sample_per_kind`), in split order."""
   from alignment.safety import data as safety_data
+  records = [{**r, "index": i} for i, r in enumerate(safety_data.load_splits(seed)[split])]
   probes = []
-  for i, r in enumerate(safety_data.load_splits(seed)[split]):
+  for r in sorted(safety_data.sample_per_kind(records, per_kind, seed), key=lambda r: r["index"]):
     kind = r["kind"] if r["kind"] in safety_data.HARMFUL_KINDS else "over_refusal"
-    probes.append({"kind": kind, "prompt": r["prompt"], "id": f"safety/{split}/{i}",
+    probes.append({"kind": kind, "prompt": r["prompt"], "id": f"safety/{split}/{r['index']}",
                    "template_id": f"safety/{r['kind']}"})
   return probes
 
 
 def load_probes(suite: str, probes_file: str = "") -> list[dict]:
-  """Probes of `suite` ('gym:test', 'gym:train', 'safety:held_out', 'safety:calibration' or '' for none)
-  followed by those of a JSONL file (`gym.read_probes_jsonl`: a malformed row raises ValueError naming
-  file:line)."""
-  if suite and suite not in SUITES:
-    raise ValueError(f"suite {suite!r}: expected one of {', '.join(SUITES)} (or '' with a probes file)")
+  """Probes of `suite` ('gym:test', 'gym:train', 'safety:held_out', 'safety:calibration'; a safety suite
+  followed by ':N' samples N prompts of each kind; '' for none) followed by those of a JSONL file
+  (`gym.read_probes_jsonl`: a malformed row raises ValueError naming file:line)."""
   source, _, split = suite.partition(":")
-  probes = (gym.load_probes(split) if source == "gym" else safety_probes(split)) if suite else []
+  split, _, per_kind = split.partition(":") if source == "safety" else (split, "", "")
+  if suite and (f"{source}:{split}" not in SUITES or per_kind and not (per_kind.isdigit() and int(per_kind) > 0)):
+    raise ValueError(f"suite {suite!r}: expected one of {', '.join(SUITES)} (a safety suite may end in ':N', "
+                     f"N prompts of each kind; or '' with a probes file)")
+  probes = (gym.load_probes(split) if source == "gym" else safety_probes(split, per_kind=int(per_kind or 0))
+            ) if suite else []
   if probes_file:
     probes += gym.read_probes_jsonl(probes_file)
   if not probes:
