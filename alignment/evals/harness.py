@@ -286,12 +286,12 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
   eos_ids, _ = sampler.stop_and_pad_ids(tokenizer)
   for r, ids in zip(results, responses):
     r["response_tokens"] = len(ids)
+    r["truncated"] = len(ids) == settings.max_new_tokens and ids[-1] not in eos_ids
   report = {
       "summary": graders.summarize(results),
       "num_probes": len(probes),
       "mean_response_tokens": float(np.mean([len(r) for r in responses])),
-      "truncated_fraction": float(np.mean([len(r) == settings.max_new_tokens and r[-1] not in eos_ids
-                                           for r in responses])),
+      "truncated_fraction": float(np.mean([r["truncated"] for r in results])),
   }
   if guard is not None:
     for r, stage in zip(results, guarded.stages):
@@ -309,6 +309,27 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
                                  "kinds": {k: float(np.mean(kinds[k])) for k in graders.KINDS if k in kinds}}
   report["results"] = results
   return report
+
+
+def with_guard(report: Mapping, guard, tokenizer) -> dict:
+  """The report `evaluate_probes` gives with `guard` around the same policy, made from its report without
+  one: a greedy answer does not depend on the guard, so the input check's refusals and the output check's
+  verdicts apply to the answers already generated instead of generating them again (the KL is dropped)."""
+  results = report["results"]
+  guarded = guard.respond([gym.probe_text(r) for r in results], lambda index: [results[i]["response"] for i in index])
+  refusal_tokens = len(tokenizer.encode(guard.refusal, add_special_tokens=False).ids)
+  out = []
+  for r, response, stage in zip(results, guarded.responses, guarded.stages):
+    row = {k: v for k, v in r.items() if k != "kl"}
+    if stage is not None:
+      row.update(response=response, passed=graders.grade(r, response), response_tokens=refusal_tokens,
+                 truncated=False)
+    out.append({**row, "guard": stage})
+  return {**{k: v for k, v in report.items() if k != "kl_to_reference"},
+          "summary": graders.summarize(out),
+          "mean_response_tokens": float(np.mean([r["response_tokens"] for r in out])),
+          "truncated_fraction": float(np.mean([r["truncated"] for r in out])),
+          "guard": guard_counts(out, guard.threshold), "results": out}
 
 
 def guard_counts(results: Sequence[Mapping], threshold: float) -> dict:
