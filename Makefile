@@ -56,7 +56,7 @@ debian-packages:
 
 demo: install
 	rm -rf $(WORKDIR)
-	$(VENV)/bin/python -m alignment.main --config=configs/dpo.py:gym --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m alignment.safety.stack --workdir=$(WORKDIR)
 
 test: install-test $(GARAK_VENV)/.installed debian-packages
 	$(VENV)/bin/python -m pytest -q

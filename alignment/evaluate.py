@@ -1,7 +1,7 @@
 """Evaluate a model on the alignment gym or on your own probes: generate, grade, print a table, write JSON.
 
   python -m alignment.evaluate --model=smollm2-135m-instruct --suite=gym:test
-  python -m alignment.evaluate --model=workdirs/demo --suite=gym:test --reference=smollm2-135m-instruct
+  python -m alignment.evaluate --model=workdirs/demo/policy --suite=gym:test --reference=smollm2-135m-instruct
   python -m alignment.evaluate --model=smollm2-135m-instruct --probes=mine.jsonl --output=mine_eval.json
   python -m alignment.evaluate --model=workdirs/demo/policy --suite=safety:held_out --guard=workdirs/demo/guard
 

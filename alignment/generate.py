@@ -1,7 +1,7 @@
 """Generate text from a model on the command line.
 
   python -m alignment.generate --model=smollm2-135m-instruct --prompt="What is the capital of France?"
-  python -m alignment.generate --model=workdirs/demo --prompt="..."     # a training run's latest policy
+  python -m alignment.generate --model=workdirs/demo/policy --prompt="..."  # a training run's latest policy
   python -m alignment.generate --model=workdirs/demo/policy --guard=workdirs/demo/guard --prompt="..."
 
 --model takes a model name, a .gguf file, an HF checkpoint directory, or the workdir of an sft or dpo

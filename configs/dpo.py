@@ -3,10 +3,11 @@
   python -m alignment.main --config=configs/dpo.py:tiny --workdir=/tmp/dpo
   python -m alignment.main --config=configs/dpo.py:smollm2 --workdir=/tmp/dpo_smol \
       --config.dpo.loss_type=ipo --config.dpo.reference=cached
-  python -m alignment.main --config=configs/dpo.py:gym --workdir=workdirs/demo    # what `make demo` runs
+  python -m alignment.main --config=configs/dpo.py:gym --workdir=workdirs/dpo_gym  # DPO alone on the gym pairs
 
 Preset `gym`: SmolLM2-135M-Instruct on the alignment gym's preference pairs, sized for a 2-core CPU
 (about 120 of the 400 pairs, the top 10 of 30 layers trained), with the gym's test split evaluated before and after.
+`make demo` (alignment/safety/stack.py) runs it as its DPO stage, from its SFT run, on its own pairs.
 """
 
 from configs import common

@@ -275,8 +275,9 @@ def test_a_model_that_is_not_there_gets_one_line(tmp_path, rm_workdir, case):
   unsaved.mkdir()
   (unsaved / "config.json").write_text(json.dumps({"algorithm": "sft", "model": {"name": "tiny-random"}}))
   module, args, expected = {
-      "demo_missing": ("alignment.evaluate", ["--model=workdirs/demo"],
-                       "--model=workdirs/demo: no such file or directory; `make demo` creates it"),
+      "demo_missing": ("alignment.evaluate", ["--model=workdirs/demo/policy"],
+                       "--model=workdirs/demo/policy: no such file or directory; `make demo` creates "
+                       "workdirs/demo/policy (the aligned policy) and workdirs/demo/guard"),
       "no_such_path": ("alignment.generate", ["--model=runs/sft"],
                        "--model=runs/sft: no such file or directory; a training run creates a workdir: "
                        "`python -m alignment.main --config=configs/sft.py:tiny --workdir=runs/sft`"),

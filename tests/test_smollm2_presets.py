@@ -44,9 +44,10 @@ def test_smollm2_preset_trains_two_steps(tmp_path, config, train_file):
 
 
 def test_gym_preset_freezes_the_trunk_and_evaluates_before_and_after(tmp_path, monkeypatch):
-  """`make demo`'s config, shortened: the gym pairs train SmolLM2 with the bottom 20 layers and the
-  embedding bit-for-bit as loaded and the top layers moved; gym evals at step 0 and the last step. On one
-  CPU device, as `make demo` runs on a laptop (the presets above train SmolLM2 on a data x tensor mesh)."""
+  """`configs/dpo.py:gym` (also `make demo`'s DPO stage), shortened: the gym pairs train SmolLM2 with the
+  bottom 20 layers and the embedding bit-for-bit as loaded and the top layers moved; gym evals at step 0
+  and the last step. On one CPU device, as on a laptop (the presets above train SmolLM2 on a data x tensor
+  mesh)."""
   import jax
   import numpy as np
   from flax import nnx

@@ -311,12 +311,14 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
   return report
 
 
-def with_guard(report: Mapping, guard, tokenizer) -> dict:
+def with_guard(report: Mapping, guard, tokenizer, prompt_scores=None) -> dict:
   """The report `evaluate_probes` gives with `guard` around the same policy, made from its report without
   one: a greedy answer does not depend on the guard, so the input check's refusals and the output check's
-  verdicts apply to the answers already generated instead of generating them again (the KL is dropped)."""
+  verdicts apply to the answers already generated instead of generating them again (the KL is dropped).
+  `prompt_scores`: the input check's scores of these probes, when another report's call computed them."""
   results = report["results"]
-  guarded = guard.respond([gym.probe_text(r) for r in results], lambda index: [results[i]["response"] for i in index])
+  guarded = guard.respond([gym.probe_text(r) for r in results], lambda index: [results[i]["response"] for i in index],
+                          prompt_scores)
   refusal_tokens = len(tokenizer.encode(guard.refusal, add_special_tokens=False).ids)
   out = []
   for r, response, stage in zip(results, guarded.responses, guarded.stages):
@@ -376,7 +378,7 @@ def _pct(x) -> str:
   return "   -  " if x is None else f"{100 * x:5.1f}%"
 
 
-def _rows(report: Mapping) -> list[tuple[str, str, object, list | None]]:
+def report_rows(report: Mapping) -> list[tuple[str, str, object, list | None]]:
   """(label, n, value, ci95) rows of a report, in a fixed order."""
   s = report["summary"]
   rows = []
@@ -409,7 +411,7 @@ def _value(label: str, value) -> str:
 def format_table(report: Mapping) -> str:
   """One report as a text table: pass rate and 95% interval per kind, the three scores, length (and KL)."""
   lines = [f"{'':32s} {'n':>4s}  {'pass':>6s}  95% interval"]
-  for label, n, value, ci in _rows(report):
+  for label, n, value, ci in report_rows(report):
     interval = f"[{100 * ci[0]:5.1f}, {100 * ci[1]:5.1f}]" if ci and value is not None else ""
     lines.append(f"{label:32s} {n:>4s}  {_value(label, value)}  {interval}")
   return "\n".join(lines)
@@ -433,8 +435,8 @@ def format_comparison(before: Mapping, after: Mapping, names: tuple[str, str] = 
     Beside the per-report sycophancy rate (each over the questions that report's model knew), the row
     '(sycophancy, shared questions)' compares the same pressured probes (`sycophancy_on_shared_questions`).
     """
-  after_rows = {label: (n, value, ci) for label, n, value, ci in _rows(after)}
-  rows = _rows(before)
+  after_rows = {label: (n, value, ci) for label, n, value, ci in report_rows(after)}
+  rows = report_rows(before)
   shared = sycophancy_on_shared_questions(before, after)
   if shared is not None:
     label = "(sycophancy, shared questions)"

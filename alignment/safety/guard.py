@@ -50,12 +50,13 @@ class Guard:
     """float32 [N] scores of each prompt with its response."""
     return self.classifier.score(list(prompts), list(responses), batch_size=self.batch_size)
 
-  def respond(self, prompts: Sequence, generate: Callable[[list], list]) -> Guarded:
+  def respond(self, prompts: Sequence, generate: Callable[[list], list], prompt_scores=None) -> Guarded:
     """Input check, `generate(indices)` (the responses to `prompts[i]` for those indices) on the prompts
-    that pass it, output check (module docstring)."""
+    that pass it, output check (module docstring). `prompt_scores`: the input check's scores when they
+    were computed already (`check_prompts(prompts)`)."""
     n = len(prompts)
     scores = {stage: np.full(n, np.nan, np.float32) for stage in STAGES}
-    scores["input"] = self.check_prompts(prompts)
+    scores["input"] = self.check_prompts(prompts) if prompt_scores is None else np.asarray(prompt_scores, np.float32)
     allowed = [i for i in range(n) if scores["input"][i] < self.threshold]
     responses, stages = [self.refusal] * n, ["input"] * n
     if allowed:

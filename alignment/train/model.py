@@ -132,7 +132,8 @@ def check_model_source(name_or_path: str, flag: str = "--model", *, generating: 
                        f"and no such file or directory")
     if name_or_path.endswith(".gguf") or not generating:
       raise ValueError(f"{flag}={name_or_path}: no such file or directory")
-    made_by = ("`make demo` creates it" if path.parts[-2:] == ("workdirs", "demo") else
+    demo = path.parts[-2:] == ("workdirs", "demo") or path.parts[-3:-1] == ("workdirs", "demo")
+    made_by = ("`make demo` creates workdirs/demo/policy (the aligned policy) and workdirs/demo/guard" if demo else
                "a training run creates a workdir: `python -m alignment.main --config=configs/sft.py:tiny "
                f"--workdir={name_or_path}`")
     raise ValueError(f"{flag}={name_or_path}: no such file or directory; {made_by}")
@@ -152,4 +153,7 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", step: Optional[int
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   setup = setup_model(config.model, config.seed)
   params, step = checkpoint.restore_entry(workdir / "checkpoints", "policy", step=step)
-  return Policy(setup.cfg, params, setup.tokenizer, f"{name_or_path} (step {step})")
+  # Remat and freezing shape training only; without them the config is the one `models.load` gives the
+  # same model, so a sampler compiled for it serves this policy too.
+  cfg = dataclasses.replace(setup.cfg, remat="none", frozen_layers=0, frozen_embeddings=False)
+  return Policy(cfg, params, setup.tokenizer, f"{name_or_path} (step {step})")

@@ -37,6 +37,7 @@ def test_dpo_and_a_reward_model_start_from_the_sft_runs_params(tmp_path):
   dpo.model.name = sft
   run(dpo, str(tmp_path / "dpo"))
   assert _same(load_policy(str(tmp_path / "dpo")).params, trained)
+  assert load_policy(str(tmp_path / "dpo")).cfg == load_policy("tiny-random").cfg  # one compiled sampler serves both
 
   from alignment import checkpoint
   rm = _config(rm_config, tmp_path, **frozen)

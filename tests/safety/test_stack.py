@@ -1,0 +1,82 @@
+"""The stack demo (`python -m alignment.safety.stack`): its tables count what the reports hold, its SFT set
+holds what it says, and on the tiny preset every stage runs and leaves a policy and a Guard that
+`alignment.evaluate` reads back to the same numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alignment.evals import gym
+from alignment.safety import data as safety_data, redteam, stack
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_held_out_table_counts_refusals_and_answers_per_source_kind():
+  rng = np.random.default_rng(0)
+  results = [{"template_id": f"safety/{kind}", "passed": bool(rng.random() < 0.6)}
+             for kind in safety_data.KINDS for _ in range(int(rng.integers(1, 9)))]
+  rows = {label: (n, rate) for label, n, rate, _ in stack.held_out_rows({"results": results})}
+  for kind in safety_data.KINDS:
+    mine = [r["passed"] for r in results if r["template_id"] == f"safety/{kind}"]
+    verb = "refused" if kind in ("harmful", "jailbreak") else "answered"
+    assert rows[f"{kind} ({verb})"] == (len(mine), pytest.approx(sum(mine) / len(mine)))
+  harmful = [r["passed"] for r in results if r["template_id"] in ("safety/harmful", "safety/jailbreak")]
+  benign = [r["passed"] for r in results if r["template_id"] not in ("safety/harmful", "safety/jailbreak")]
+  assert rows["harmful + jailbreak refused"] == (len(harmful), pytest.approx(np.mean(harmful)))
+  assert rows["benign answered"] == (len(benign), pytest.approx(np.mean(benign)))
+
+
+def test_the_sft_set_refuses_the_harmful_train_prompts_and_keeps_every_other_row():
+  records = safety_data.sample_per_kind(safety_data.load_splits(0)["train"], 3, seed=0)
+  attacks = [{"prompt": "attack", "completion": "no"}]
+  revisions = [{"prompt": "revised", "completion": "a revision"}]
+  helpful = [{"prompt": "benign", "completion": "an answer"}]
+  rows = stack.sft_rows(records, attacks, revisions, helpful, gym_answers=5, seed=0)
+  pool, chosen = set(redteam.refusal_pool()), {p["chosen"] for p in gym.preference_pairs("train")}
+  harmful = [r["prompt"] for r in records if r["kind"] in safety_data.HARMFUL_KINDS]
+  by_prompt = {r["prompt"]: r["completion"] for r in rows}
+  assert all(by_prompt[p] in pool for p in harmful)  # a refusal from the pool for each
+  assert not {r["prompt"] for r in records if r["kind"] not in safety_data.HARMFUL_KINDS} & set(by_prompt)
+  for extra in attacks + revisions + helpful:
+    assert extra in rows
+  gym_rows = [r for r in rows if r["prompt"] not in set(harmful) | {"attack", "revised", "benign"}]
+  assert len(gym_rows) == 5 and all(r["completion"] in chosen for r in gym_rows)
+  assert rows == stack.sft_rows(records, attacks, revisions, helpful, gym_answers=5, seed=0)
+
+
+@pytest.mark.slow
+def test_the_tiny_stack_leaves_a_policy_and_a_guard_that_evaluate_reads_back(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  workdir = tmp_path / "demo"
+  proc = subprocess.run([sys.executable, "-m", "alignment.safety.stack", "--preset=tiny", f"--workdir={workdir}",
+                         "--held_out_per_kind=2", "--train_per_kind=2", "--attack_behaviours=1",
+                         "--gym_answers=4", "--gym_pairs=4", "--sft_steps=3", "--dpo_steps=3", "--guard_per_kind=4",
+                         "--max_new_tokens=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((workdir / "stack.json").read_text())
+  assert "Held-out real-world safety prompts (12, 2 of each kind)" in proc.stdout
+  assert summary["tables"] in proc.stdout
+  policy_config = json.loads((workdir / "policy" / "config.json").read_text())
+  assert policy_config["model"]["name"] == str(workdir / "sft") and policy_config["algorithm"] == "dpo"
+  sft_rows = [json.loads(line) for line in open(workdir / "data" / "sft.jsonl")]
+  assert len(sft_rows) == summary["sft_rows"] >= 2 * 2 + 4  # refusals to 2 harmful + 2 jailbreak, 4 gym answers
+
+  out = tmp_path / "evaluated.json"
+  proc = subprocess.run([sys.executable, "-m", "alignment.evaluate", f"--model={workdir / 'policy'}",
+                         f"--guard={workdir / 'guard'}", "--suite=safety:held_out:2", "--max_new_tokens=4",
+                         "--batch_size=33", f"--output={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  evaluated = json.loads(out.read_text())
+  made = json.loads((workdir / "evals" / "policy_guard_held_out.json").read_text())
+  keys = ("id", "response", "passed", "guard")
+  assert [[r[k] for k in keys] for r in evaluated["results"]] == [[r[k] for k in keys] for r in made["results"]]
+  assert evaluated["summary"] == made["summary"] == summary["reports"]["policy_guard_held_out"]["summary"]
+  table = {label: rate for label, _, rate, _ in stack.held_out_rows(made)}
+  line = next(l for l in summary["tables"].splitlines() if l.startswith("benign answered"))
+  assert line.split()[-1] == f"{100 * table['benign answered']:.1f}%"
