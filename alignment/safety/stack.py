@@ -102,9 +102,19 @@ def finish(run: tuple) -> None:
     raise RuntimeError(f"{config} failed (its output: {log.name}): {lines[-1] if lines else proc.returncode}")
 
 
+def even_batch(count: int, most: int = 33) -> int:
+  """The batch size that splits `count` prompts into the fewest batches of at most `most` with the least
+  filler: a sampler batch is filled up with repeats of its prompts, and the longest prompts (jailbreak
+  templates of several hundred tokens) share the last batch, so filler there costs most."""
+  batches = -(-count // most)
+  return -(-count // batches)
+
+
 def evaluate(policy, suite: str, settings) -> dict:
   from alignment.evals import harness
-  return harness.evaluate_probes(policy.cfg, policy.params, policy.tokenizer, harness.load_probes(suite), settings)
+  probes = harness.load_probes(suite)
+  settings = dataclasses.replace(settings, batch_size=even_batch(len(probes), settings.batch_size))
+  return harness.evaluate_probes(policy.cfg, policy.params, policy.tokenizer, probes, settings)
 
 
 def helpful_answers(policy, records: Sequence[Mapping], settings) -> list[dict]:
@@ -208,7 +218,7 @@ def run_stack(workdir: str, o: Settings) -> dict:
     _log(f"{name}: {times[name]} s")
 
   read = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]
-  settings = harness.EvalSettings(max_new_tokens=o.max_new_tokens, batch_size=33, seed=o.seed)  # 164 gym probes: 5 batches
+  settings = harness.EvalSettings(max_new_tokens=o.max_new_tokens, batch_size=33, seed=o.seed)  # at most: 164 gym probes in 5
   suites = {"gym": "gym:test", "held_out": f"safety:held_out:{o.held_out_per_kind}"}
   base = load_policy(model)
   reports = {}
@@ -217,8 +227,10 @@ def run_stack(workdir: str, o: Settings) -> dict:
     harness.write_report(reports[f"base_{name}"], os.path.join(workdir, "evals", f"base_{name}.json"))
   lap("evaluate the base model")
 
+  families = redteam.behaviours_and_templates("train", 1, o.seed)[1]
+  attacks = o.attack_behaviours * (1 + len(families))  # each behaviour plain and in each template family
   attack = redteam.run(base, None, "train", os.path.join(workdir, "redteam"),
-                       redteam.Settings(max_new_tokens=o.max_new_tokens, seed=o.seed),
+                       redteam.Settings(max_new_tokens=o.max_new_tokens, batch_size=even_batch(attacks), seed=o.seed),
                        num_behaviours=o.attack_behaviours, mix_gym_pairs=o.gym_pairs)
   lap("red-team the base model")
   revisions = []
@@ -229,7 +241,8 @@ def run_stack(workdir: str, o: Settings) -> dict:
     revisions = read(os.path.join(workdir, "cai", "sft.jsonl"))
     lap("critique and revise")
   train_records = safety_data.sample_per_kind(safety_data.load_splits(o.seed)["train"], o.train_per_kind, o.seed)
-  helpful = helpful_answers(base, [r for r in train_records if r["kind"] in BENIGN_KINDS], settings)
+  benign = [r for r in train_records if r["kind"] in BENIGN_KINDS]
+  helpful = helpful_answers(base, benign, dataclasses.replace(settings, batch_size=even_batch(len(benign))))
   del base
   sft = sft_rows(train_records, read(os.path.join(workdir, "redteam", "sft.jsonl")),
                  revisions, helpful, o.gym_answers, o.seed)

@@ -31,6 +31,15 @@ def test_the_held_out_table_counts_refusals_and_answers_per_source_kind():
   assert rows["benign answered"] == (len(benign), pytest.approx(np.mean(benign)))
 
 
+@pytest.mark.parametrize("count, most, want", [(164, 33, 33), (72, 33, 24), (8, 33, 8), (64, 33, 32), (34, 33, 17),
+                                                (33, 33, 33), (1, 33, 1)])
+def test_even_batches_hold_every_prompt_in_the_fewest_batches_with_the_least_filler(count, most, want):
+  batch = stack.even_batch(count, most)
+  assert batch == want
+  batches = -(-count // batch)
+  assert batches == -(-count // most) and batch <= most and batches * batch - count < batches
+
+
 def test_the_sft_set_refuses_the_harmful_train_prompts_and_keeps_every_other_row():
   records = safety_data.sample_per_kind(safety_data.load_splits(0)["train"], 3, seed=0)
   attacks = [{"prompt": "attack", "completion": "no"}]
