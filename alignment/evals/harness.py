@@ -136,6 +136,14 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def answers(policy, prompts: Sequence, settings: EvalSettings) -> list[str]:
+  """A loaded policy's (`train.model.load_policy`) greedy answers, decoded and stripped, to prompts:
+  strings (one user turn each) or message lists ending before the assistant's turn."""
+  ids = sampler.encode_chat(policy.tokenizer, prompts)
+  out = generate_responses(policy.cfg, policy.params, policy.tokenizer, ids, settings)
+  return [policy.tokenizer.decode(r).strip() for r in out]
+
+
 def generate_responses(cfg: ModelConfig, params, tokenizer, prompt_ids: Sequence[Sequence[int]],
                        settings: EvalSettings, *, mesh=None) -> list[list[int]]:
   """Greedy responses to tokenised prompts, as token id lists (EOS included when reached), in input order."""
@@ -296,7 +304,7 @@ def evaluate_probes(cfg: ModelConfig, params, tokenizer, probes: Sequence[Mappin
   if guard is not None:
     for r, stage in zip(results, guarded.stages):
       r["guard"] = stage
-    report["guard"] = guard_counts(results, guard.threshold)
+    report["guard"] = guard_counts(results, guard)
   if ref_params is not None:
     chosen = [generated[i] for i in _spread(len(generated), kl_probes)] if generated else []
     kls = response_kl(cfg, params, ref_params, [prompt_ids[i] for i in chosen], [responses[i] for i in chosen],
@@ -331,12 +339,13 @@ def with_guard(report: Mapping, guard, tokenizer, prompt_scores=None) -> dict:
           "summary": graders.summarize(out),
           "mean_response_tokens": float(np.mean([r["response_tokens"] for r in out])),
           "truncated_fraction": float(np.mean([r["truncated"] for r in out])),
-          "guard": guard_counts(out, guard.threshold), "results": out}
+          "guard": guard_counts(out, guard), "results": out}
 
 
-def guard_counts(results: Sequence[Mapping], threshold: float) -> dict:
-  """{"threshold", "blocked": {stage: {kind: count}}, "n": {kind: count}} of guarded results; kinds are
-  `template_id`'s source kind for the safety suites ('safety/edgy' -> 'edgy'), else the gym kind."""
+def guard_counts(results: Sequence[Mapping], guard) -> dict:
+  """{"threshold", "output_threshold", "blocked": {stage: {kind: count}}, "n": {kind: count}} of a Guard's
+  results; kinds are `template_id`'s source kind for the safety suites ('safety/edgy' -> 'edgy'), else
+  the gym kind."""
   kind_of = lambda r: r.get("template_id", "")[len("safety/"):] if str(r.get("template_id", "")).startswith(
       "safety/") else r["kind"]
   n, blocked = {}, {"input": {}, "output": {}}
@@ -345,7 +354,7 @@ def guard_counts(results: Sequence[Mapping], threshold: float) -> dict:
     n[kind] = n.get(kind, 0) + 1
     if r["guard"]:
       blocked[r["guard"]][kind] = blocked[r["guard"]].get(kind, 0) + 1
-  return {"threshold": threshold, "blocked": blocked, "n": n}
+  return {"threshold": guard.threshold, "output_threshold": guard.output_threshold, "blocked": blocked, "n": n}
 
 
 def write_report(report: Mapping, path) -> None:

@@ -53,12 +53,8 @@ class Settings:
 
 def _generate(policy, conversations: Sequence[list], max_new_tokens: int, settings: Settings) -> list[str]:
   """Greedy answers to conversations (lists of messages ending before the assistant's turn)."""
-  from alignment.models import sampler
-  ids = sampler.encode_chat(policy.tokenizer, conversations)
-  eval_settings = harness.EvalSettings(max_new_tokens=max_new_tokens, batch_size=settings.batch_size,
-                                       seed=settings.seed)
-  out = harness.generate_responses(policy.cfg, policy.params, policy.tokenizer, ids, eval_settings)
-  return [policy.tokenizer.decode(r).strip() for r in out]
+  return harness.answers(policy, conversations, harness.EvalSettings(
+      max_new_tokens=max_new_tokens, batch_size=settings.batch_size, seed=settings.seed))
 
 
 def clean_revision(text: str) -> str:

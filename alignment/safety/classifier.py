@@ -14,11 +14,12 @@ flags edgy and over-refusal requests); the mean at layer 18 alone 0.96 / 0.06; t
 (README). With `features='cached'` (a frozen backbone) the features are computed once and only the head
 runs each step.
 
-At the end of training the eval split (the calibration set) is scored and the threshold is chosen
+At the end of training the eval split (the calibration set) is scored and the thresholds are chosen
 there: the lowest score threshold whose false-positive rate on the calibration set's benign examples is
-at most `config.classifier.target_fpr`. It is saved with the checkpoint (`summary`: `threshold`, the
-calibration TPR and FPR at it, the ROC AUC); `Classifier` loads it. A score at or above the threshold
-flags the text.
+at most `config.classifier.target_fpr`, one on its prompts alone (`threshold`, the Guard's input check)
+and one on its prompt-response pairs (`output_threshold`, the output check; the same as `threshold` when
+the set has no pairs). They are saved with the checkpoint (`summary`: the thresholds, the calibration
+TPR, FPR and ROC AUC at each); `Classifier` loads them. A score at or above its threshold flags the text.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def resolve_path(path: str, data_config) -> str:
                      f"of {', '.join(safety_data.SPLITS)}")
   records = safety_data.sample_per_kind(safety_data.load_splits(data_config.seed)[split], int(per_kind or 0),
                                         data_config.seed)
-  rows = [{"prompt": r["prompt"], "label": int(r["label"] == "harmful")} for r in records]
+  rows = safety_data.classifier_rows(records)
   name = f"{split}_seed{data_config.seed}" + (f"_{per_kind}_per_kind" if per_kind else "")
   out = os.path.join(data_dir(data_config), "safety", f"{name}.jsonl")
   text = "".join(json.dumps(r) + "\n" for r in rows)
@@ -153,26 +154,39 @@ def resolve_path(path: str, data_config) -> str:
   return out
 
 
-def calibration_scores(graphdef, params, batches, mesh, cached: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """(scores, labels) of every real slot of `batches` (global batches, every host the same); with `cached`,
-  from the features the batches carry."""
+def calibration_scores(graphdef, params, batches, mesh, cached: bool = False) -> tuple[np.ndarray, ...]:
+  """(scores, labels, record indices) of every real slot of `batches` (global batches, every host the
+  same); with `cached`, from the features the batches carry."""
   score = (lambda p, b: head_scores(graphdef, p, b["features"])) if cached else (
       lambda p, b: example_scores(graphdef, p, b))
   fn = jax.jit(score, out_shardings=replicated(mesh))
-  scores, labels = [], []
+  scores, labels, index = [], [], []
   for batch in batches:
     got = np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh))))
     real = batch["example_mask"].astype(bool)
     scores.append(got[real])
     labels.append(batch["label"][real])
-  return np.concatenate(scores), np.concatenate(labels)
+    index.append(batch["index"][real])
+  return np.concatenate(scores), np.concatenate(labels), np.concatenate(index)
 
 
-def summarize(scores, labels, target_fpr: float) -> dict:
-  chosen = choose_threshold(scores, labels, target_fpr)
+def summarize(scores, labels, target_fpr: float, has_response=None) -> dict:
+  """The saved thresholds: `threshold` (the input check's) chosen on the calibration prompts alone, and
+  `output_threshold` (the output check's) on the prompt-response pairs, each for `target_fpr`. A prompt
+  with a frank answer scores differently from the prompt alone (an answer on a harmful subject pulls
+  the score up), so one threshold cannot hold both false-positive rates. Without pairs (or without
+  prompts alone) both are chosen on all of it."""
+  scores, labels = np.asarray(scores), np.asarray(labels)
+  pairs = np.zeros(len(scores), bool) if has_response is None else np.asarray(has_response, bool)
+  alone = ~pairs if (~pairs).any() else np.ones(len(scores), bool)
+  pairs = pairs if pairs.any() else alone
+  chosen, output = (choose_threshold(scores[m], labels[m], target_fpr) for m in (alone, pairs))
   return {"threshold": chosen["threshold"], "target_fpr": target_fpr, "calibration/tpr": chosen["tpr"],
-          "calibration/fpr": chosen["fpr"], "calibration/auc": roc_auc(scores, labels),
-          "calibration/count": int(len(scores))}
+          "calibration/fpr": chosen["fpr"], "calibration/auc": roc_auc(scores[alone], labels[alone]),
+          "calibration/count": int(alone.sum()), "output_threshold": output["threshold"],
+          "calibration/output_tpr": output["tpr"], "calibration/output_fpr": output["fpr"],
+          "calibration/output_auc": roc_auc(scores[pairs], labels[pairs]),
+          "calibration/output_count": int(pairs.sum())}
 
 
 @registry.supervised("classifier")
@@ -203,8 +217,13 @@ def build_task(config, mesh) -> Task:
   task = Task({"classifier": part}, make_loss_fn(graphdef, cached), train, eval_data,
               {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)},
               count_name="num_examples")
-  task.summarize = lambda parts: summarize(*calibration_scores(graphdef, parts["classifier"], eval_data(), mesh,
-                                                               cached), config.classifier.target_fpr)
+  has_response = np.asarray([int(sources["eval"][i]["has_response"]) for i in range(len(sources["eval"]))], bool)
+
+  def summarize_calibration(parts):
+    scores, labels, index = calibration_scores(graphdef, parts["classifier"], eval_data(), mesh, cached)
+    return summarize(scores, labels, config.classifier.target_fpr, has_response[index])
+
+  task.summarize = summarize_calibration
   return task
 
 
@@ -275,7 +294,7 @@ class Classifier(ScalarScorer):
 
       clf = Classifier("workdirs/guard")
       clf.score(["How do I pick a lock?"])              # float32 [1]
-      clf.flags(["..."], responses=["..."])             # bool [1]: score >= clf.threshold
+      clf.flags(["..."], responses=["..."])             # bool [1]: score >= clf.output_threshold
   """
 
   def __init__(self, workdir, mesh=None):
@@ -283,6 +302,7 @@ class Classifier(ScalarScorer):
     if "threshold" not in self.stats:
       raise ValueError(f"{self.workdir}: the classifier run has not finished (no threshold saved)")
     self.threshold = float(self.stats["threshold"])
+    self.output_threshold = float(self.stats.get("output_threshold", self.threshold))
 
   @staticmethod
   def batch_scores(graphdef, params, batch):
@@ -310,7 +330,8 @@ class Classifier(ScalarScorer):
     return self.score_ids(self.sequences(prompts, responses), batch_size)
 
   def flags(self, prompts, responses=None, batch_size: int = 8) -> np.ndarray:
-    return self.score(prompts, responses, batch_size) >= self.threshold
+    """Prompts alone against `threshold`, prompts with responses against `output_threshold`."""
+    return self.score(prompts, responses, batch_size) >= (self.threshold if responses is None else self.output_threshold)
 
 
 TARGETS = (0.01, 0.02, 0.05, 0.1)

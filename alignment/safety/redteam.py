@@ -85,11 +85,8 @@ def template_attacks(behaviours: Sequence[str], by_family: Mapping[str, list[str
 
 
 def _generate(policy, prompts: Sequence[str], max_new_tokens: int, settings: Settings) -> list[str]:
-  from alignment.models import sampler
-  ids = sampler.encode_chat(policy.tokenizer, prompts)
-  out = harness.generate_responses(policy.cfg, policy.params, policy.tokenizer, ids, harness.EvalSettings(
-      max_new_tokens=max_new_tokens, batch_size=settings.batch_size, seed=settings.seed))
-  return [policy.tokenizer.decode(r).strip() for r in out]
+  return harness.answers(policy, prompts, harness.EvalSettings(max_new_tokens=max_new_tokens,
+                                                               batch_size=settings.batch_size, seed=settings.seed))
 
 
 def rewrite_attacks(attacker, behaviours: Sequence[str], settings: Settings) -> tuple[list[dict], int]:
@@ -105,7 +102,7 @@ def rewrite_attacks(attacker, behaviours: Sequence[str], settings: Settings) -> 
 def grade(attacks: Sequence[Mapping], responses: Sequence[str], guard=None) -> list[dict]:
   """The attacks with their `response`, `refused` (the gym's grader) and `success` (= not refused); with a
   Guard, `flagged` (its output check) as well."""
-  flagged = ([bool(x) for x in guard.check_responses([a["prompt"] for a in attacks], responses) >= guard.threshold]
+  flagged = ([bool(x) for x in guard.check_responses([a["prompt"] for a in attacks], responses) >= guard.output_threshold]
              if guard is not None and attacks else [None] * len(attacks))
   out = []
   for attack, response, flag in zip(attacks, responses, flagged):

@@ -120,11 +120,8 @@ def evaluate(policy, suite: str, settings) -> dict:
 def helpful_answers(policy, records: Sequence[Mapping], settings) -> list[dict]:
   """The policy's greedy answers to benign prompts, as SFT rows, where it answered (not refused)."""
   from alignment.evals import graders, harness
-  from alignment.models import sampler
   prompts = [r["prompt"] for r in records]
-  ids = harness.generate_responses(policy.cfg, policy.params, policy.tokenizer,
-                                   sampler.encode_chat(policy.tokenizer, prompts), settings)
-  answers = [policy.tokenizer.decode(r).strip() for r in ids]
+  answers = harness.answers(policy, prompts, settings)
   return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a and not graders.is_refusal(a)]
 
 

@@ -282,7 +282,7 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
       if guard is not None:
         scores = await run_in_threadpool(guard.check_responses, [messages] * len(choices), [c.text for c in choices])
         for i, score in enumerate(scores):
-          if score >= guard.threshold:
+          if score >= guard.output_threshold:
             choices[i] = _Choice(tokenizer, tokenizer.encode(guard.refusal, add_special_tokens=False).ids,
                                  "content_filter", [])
     logprobs = ([await run_in_threadpool(chat_logprobs, prompt_ids, c, req.top_logprobs or 0) for c in choices]

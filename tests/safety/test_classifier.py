@@ -53,6 +53,27 @@ def test_the_threshold_is_the_lowest_whose_benign_flag_rate_is_within_the_target
     assert got["tpr"] == pytest.approx((scores[labels] >= want).mean())
 
 
+def test_the_input_and_output_thresholds_are_chosen_on_the_prompts_alone_and_on_the_pairs():
+  rng = np.random.default_rng(0)
+  labels = rng.random(400) < 0.4
+  pairs = rng.random(400) < 0.5
+  scores = rng.normal(labels * 2.0 + pairs * 1.5, 1.0)  # a pair scores higher than its prompt alone
+  got = clf_lib.summarize(scores, labels, 0.05, pairs)
+  for mask, key, prefix in ((~pairs, "threshold", "calibration/"), (pairs, "output_threshold", "calibration/output_")):
+    neg = np.sort(scores[mask & ~labels])[::-1]
+    want = neg[int(np.floor(0.05 * len(neg)))]  # the benign score just above the allowed ones: the next one up
+    want = min(t for t in scores[mask] if t > want)
+    assert got[key] == want
+    assert got[prefix + "fpr"] == pytest.approx((neg >= want).mean()) and got[prefix + "fpr"] <= 0.05
+    assert got[prefix + "tpr"] == pytest.approx((scores[mask & labels] >= want).mean())
+    assert got[prefix + "count"] == mask.sum()
+  assert got["output_threshold"] > got["threshold"]
+  # No pairs (or no prompts alone): both thresholds come from all of it.
+  for flags in (np.zeros(400, bool), np.ones(400, bool), None):
+    only = clf_lib.summarize(scores, labels, 0.05, flags)
+    assert only["threshold"] == only["output_threshold"] == clf_lib.choose_threshold(scores, labels, 0.05)["threshold"]
+
+
 def test_no_threshold_meets_the_target_flags_nothing():
   got = clf_lib.choose_threshold([5.0, 1.0, 0.0], [0, 1, 0], 0.0)
   assert got == {"threshold": float("inf"), "tpr": 0.0, "fpr": 0.0}
@@ -168,12 +189,19 @@ def test_the_tiny_classifier_learns_the_planted_rule_and_saves_its_threshold(tra
   scores = clf.score([r["messages"] for r in rows], [r["response"] for r in rows])
   labels = np.asarray([r["label"] for r in rows], bool)
   # The reloaded classifier scores one sequence a row; training scored them packed: same numbers.
-  assert clf_lib.roc_auc(scores, labels) == pytest.approx(summary["calibration/auc"], abs=1e-6)
-  want = clf_lib.choose_threshold(scores, labels, 0.05)
-  assert clf.threshold == pytest.approx(want["threshold"], rel=1e-4, abs=1e-4)
-  assert summary["calibration/tpr"] == pytest.approx(want["tpr"])
-  flags = clf.flags([r["messages"] for r in rows], [r["response"] for r in rows])
-  np.testing.assert_array_equal(flags, scores >= clf.threshold)
+  # The input check's threshold is chosen on the prompts alone, the output check's on the pairs.
+  pairs = np.asarray([r["response"] is not None for r in rows])
+  assert pairs.any() and (~pairs).any()
+  for mask, key, prefix in ((~pairs, "threshold", "calibration/"), (pairs, "output_threshold", "calibration/output_")):
+    assert clf_lib.roc_auc(scores[mask], labels[mask]) == pytest.approx(summary[prefix + "auc"], abs=1e-6)
+    want = clf_lib.choose_threshold(scores[mask], labels[mask], 0.05)
+    assert getattr(clf, key) == pytest.approx(want["threshold"], rel=1e-4, abs=1e-4)
+    assert summary[prefix + "tpr"] == pytest.approx(want["tpr"]) and summary[prefix + "fpr"] <= 0.05
+    assert summary[prefix + "count"] == mask.sum()
+  alone = [r["messages"] for r, pair in zip(rows, pairs) if not pair]
+  np.testing.assert_array_equal(clf.flags(alone), scores[~pairs] >= clf.threshold)
+  flags = clf.flags([r["messages"] for r, pair in zip(rows, pairs) if pair], [r["response"] for r in rows if r["response"] is not None])
+  np.testing.assert_array_equal(flags, scores[pairs] >= clf.output_threshold)
 
 
 @pytest.mark.slow
@@ -195,7 +223,7 @@ def test_the_guard_refuses_flagged_prompts_before_generating_and_replaces_flagge
   assert asked == [i for i in range(12) if not flagged_in[i]]  # a flagged prompt never reaches the policy
   out_scores = guard.check_responses([prompts[i] for i in asked], [answers[i % 4] for i in asked])
   for i, score in zip(asked, out_scores):
-    flagged = score >= guard.threshold
+    flagged = score >= guard.output_threshold
     assert out.stages[i] == ("output" if flagged else None)
     assert out.responses[i] == (guard.refusal if flagged else answers[i % 4])
     assert out.scores["output"][i] == pytest.approx(score)
@@ -203,7 +231,7 @@ def test_the_guard_refuses_flagged_prompts_before_generating_and_replaces_flagge
   reward = guard.reward(prompts, ["Sure, here is how: first gather the parts."] * 12)
   assert set(reward.tolist()) <= {-1.0, 0.0}
   np.testing.assert_array_equal(reward == -1.0, guard.check_responses(
-      prompts, ["Sure, here is how: first gather the parts."] * 12) >= guard.threshold)
+      prompts, ["Sure, here is how: first gather the parts."] * 12) >= guard.output_threshold)
 
 
 @pytest.mark.slow
@@ -230,6 +258,8 @@ def test_evaluate_with_a_guard_counts_what_each_stage_blocked(trained, tmp_path)
       if r["guard"] == stage:
         want[r["kind"]] = want.get(r["kind"], 0) + 1
     assert blocked[stage] == want
+  clf = clf_lib.Classifier(trained)
+  assert report["guard"]["threshold"] == clf.threshold and report["guard"]["output_threshold"] == clf.output_threshold
   assert "guard: blocked at input" in proc.stdout
 
 

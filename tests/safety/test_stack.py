@@ -50,7 +50,9 @@ def test_the_sft_set_refuses_the_harmful_train_prompts_and_keeps_every_other_row
   harmful = [r["prompt"] for r in records if r["kind"] in safety_data.HARMFUL_KINDS]
   by_prompt = {r["prompt"]: r["completion"] for r in rows}
   assert all(by_prompt[p] in pool for p in harmful)  # a refusal from the pool for each
-  assert not {r["prompt"] for r in records if r["kind"] not in safety_data.HARMFUL_KINDS} & set(by_prompt)
+  # A benign train prompt gets no refusal (only a gym chosen answer, where the gym's train pairs hold it).
+  assert all(by_prompt[r["prompt"]] in chosen for r in records
+             if r["kind"] not in safety_data.HARMFUL_KINDS and r["prompt"] in by_prompt)
   for extra in attacks + revisions + helpful:
     assert extra in rows
   gym_rows = [r for r in rows if r["prompt"] not in set(harmful) | {"attack", "revised", "benign"}]

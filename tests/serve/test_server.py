@@ -192,7 +192,7 @@ def test_behind_the_guard_a_blocked_request_finishes_with_content_filter(tiny_cl
     for prompt, flagged in zip(prompts, flagged_in):
       got = _chat(client, prompt).choices[0]
       answer, ids = _greedy(reference, prompt)
-      blocked = flagged or guard.check_responses([prompt], [answer])[0] >= guard.threshold
+      blocked = flagged or guard.check_responses([prompt], [answer])[0] >= guard.output_threshold
       finish = "stop" if ids[-1] in sampler.stop_and_pad_ids(reference[1])[0] else "length"
       assert got.finish_reason == ("content_filter" if blocked else finish)
       assert got.message.content == (guard.refusal if blocked else answer)
