@@ -7,9 +7,10 @@ for `classifier.target_fpr` (alignment/safety/classifier.py).
   python -m alignment.safety.classifier --workdir=workdirs/guard --split=held_out
 
 Preset `safety`: SmolLM2-135M-Instruct as loaded, its hidden states averaged at layers 6, 10, ..., 30 and
-computed once (`features='cached'`), a linear head trained on the real-world safety prompts of
-`alignment.safety.data`: train on its train split, threshold on its calibration split; the held-out
-split is for the report.
+computed once (`features='cached'`), a linear head trained full-batch with an L2 penalty on the real-world
+safety prompts of `alignment.safety.data`: train on its train split, thresholds on its calibration split;
+the held-out split is for the report. With `alignment.safety.pairs` files as train and eval paths it
+learns prompt-response pairs too, and the output check gets its own threshold.
 """
 
 import os
@@ -40,14 +41,15 @@ def get_config(arg=None):
                           #   config.model.frozen_*): its features are computed once (kept in cache_dir)
                           #   and only the head runs
       cache_dir="",       # empty: ~/.cache/alignment/classifier_features
+      l2=0.0,             # the mean loss gets l2 * |head weights|^2
   )
   if a.preset == "tiny":
     common.apply_preset(c, "tiny", lr=3e-3, steps=60, eval_every=30)
   else:
-    common.apply_preset(c, "smollm2", lr=3e-3, steps=150, eval_every=75)
+    common.apply_preset(c, "smollm2", lr=3e-3, steps=300, eval_every=100)
     c.data.train_path, c.data.eval_path = "safety:train", "safety:calibration"
     c.data.seq_len, c.data.examples_per_row, c.data.max_length = 512, 8, 512
-    c.classifier.taps, c.classifier.features = "6,10,14,18,22,26,30", "cached"
+    c.classifier.taps, c.classifier.features, c.classifier.l2 = "6,10,14,18,22,26,30", "cached", 0.003
     c.model.frozen_layers, c.model.frozen_embeddings = 30, True
     c.train.batch_size = 8
   common.apply_run_args(c, a)

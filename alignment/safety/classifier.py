@@ -11,8 +11,8 @@ loaded and frozen, `config.model.frozen_*`, in the safety preset), its residual 
 a linear head on the concatenation. Why those features, on the safety splits (a logistic probe per choice,
 threshold at 5% calibration FPR, held-out TPR / FPR): the last token of the last layer 0.97 / 0.27 (it
 flags edgy and over-refusal requests); the mean at layer 18 alone 0.96 / 0.06; this preset 0.98 / 0.12
-(README). With `features='cached'` (a frozen backbone) the features are computed once and only the head
-runs each step.
+(README). With `features='cached'` (a frozen backbone) the features are computed once and the head trains
+on all of them each step (`FeatureTableBatches`), with `config.classifier.l2` on its weights.
 
 At the end of training the eval split (the calibration set) is scored and the thresholds are chosen
 there: the lowest score threshold whose false-positive rate on the calibration set's benign examples is
@@ -83,9 +83,10 @@ def logistic_loss(scores, labels):
   return jnp.where(labels > 0, jax.nn.softplus(-scores), jax.nn.softplus(scores))
 
 
-def make_loss_fn(graphdef, cached: bool = False):
-  """(parts, batch, rng) -> (summed logistic loss over real slots, (slot count, {'accuracy': sum})). With
-  `cached`, the batch carries the slots' features (`features` [R, K, F]) and only the head runs."""
+def make_loss_fn(graphdef, cached: bool = False, l2: float = 0.0):
+  """(parts, batch, rng) -> (summed logistic loss over real slots + l2 * |head weights|^2 * slot count (so
+  the mean loss gets l2 * |w|^2), (slot count, {'accuracy': sum})). With `cached`, the batch carries the
+  slots' features (`features` [R, K, F]) and only the head runs."""
 
   def loss_fn(parts, batch, rng):
     del rng
@@ -97,7 +98,9 @@ def make_loss_fn(graphdef, cached: bool = False):
     labels = batch["label"].astype(jnp.float32)
     weight = batch["example_mask"].astype(jnp.float32)
     correct = ((scores >= 0) == (labels > 0)).astype(jnp.float32)
-    return (logistic_loss(scores, labels) * weight).sum(), (weight.sum(), {"accuracy": (correct * weight).sum()})
+    penalty = l2 * jnp.sum(jnp.square(params["head"]["linear"]["kernel"].astype(jnp.float32))) * weight.sum()
+    return ((logistic_loss(scores, labels) * weight).sum() + penalty,
+            (weight.sum(), {"accuracy": (correct * weight).sum()}))
 
   return loss_fn
 
@@ -210,11 +213,13 @@ def build_task(config, mesh) -> Task:
   part = model.part(model_optimizer(config))
   if cached:
     tables = feature_tables(config, model, sources, common, mesh)
-    train, eval_data = with_features(train, tables["train"]), lambda: with_features(evaluate(), tables["eval"])
+    labels = np.asarray([int(sources["train"][i]["label"]) for i in range(len(sources["train"]))], np.int32)
+    train = FeatureTableBatches(tables["train"], labels, config.train.batch_size)
+    eval_data = lambda: with_features(evaluate(), tables["eval"])
     part = part._replace(load=standardized(part.load, tables["train"]))
   else:
     eval_data = evaluate
-  task = Task({"classifier": part}, make_loss_fn(graphdef, cached), train, eval_data,
+  task = Task({"classifier": part}, make_loss_fn(graphdef, cached, config.classifier.l2), train, eval_data,
               {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)},
               count_name="num_examples")
   has_response = np.asarray([int(sources["eval"][i]["has_response"]) for i in range(len(sources["eval"]))], bool)
@@ -281,6 +286,41 @@ def feature_tables(config, model, sources, iterator_args, mesh) -> dict:
     with jax.set_mesh(mesh):
       tables[split] = cached_table(path, (len(source), width), compute)
   return tables
+
+
+class FeatureTableBatches:
+  """With cached features the head is a logistic regression on a table that fits in memory, so each step
+  is the whole training table: deterministic full-batch descent on the (L2-regularised) loss. Batches of
+  packed rows made the head depend on the draw. A packed row holds one jailbreak template or up to 8 short
+  prompts, so a step saw about 26 prompts, and the held-out false-positive rate at the calibrated
+  threshold moved between 1% and 12% from run to run (safety splits, measured). A batch is
+  {features [R, 1, F], label, example_mask, segment_ids [R, 1]}, the rows padded with empty slots to a
+  multiple of `multiple` (the global batch size). An example counts as one token in the loop's
+  tokens/s."""
+
+  def __init__(self, table: np.ndarray, labels: np.ndarray, multiple: int):
+    n = len(labels)
+    rows = -(-n // multiple) * multiple
+    mask = (np.arange(rows) < n).astype(np.int32)[:, None]
+    features = np.zeros((rows, 1, table.shape[1]), np.float32)
+    features[:n, 0] = table
+    label = np.zeros((rows, 1), np.int32)
+    label[:n, 0] = labels
+    self.batch = {"features": features, "label": label, "example_mask": mask, "segment_ids": mask}
+    self.steps = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.steps += 1
+    return dict(self.batch)
+
+  def get_state(self):
+    return {"steps": self.steps}
+
+  def set_state(self, state):
+    self.steps = int(state["steps"])
 
 
 def with_features(iterator, table):

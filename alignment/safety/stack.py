@@ -255,7 +255,7 @@ def run_stack(workdir: str, o: Settings) -> dict:
   guard_run = start_training(preset["guard"], os.path.join(workdir, "guard"), {
       **once, **preset["guard_overrides"], "data.train_path": f"safety:train:{o.guard_per_kind}",
       "data.eval_path": f"safety:calibration:{o.guard_per_kind}",
-      "classifier.cache_dir": os.path.join(workdir, "features"), "train.steps": 60, "seed": o.seed,
+      "classifier.cache_dir": os.path.join(workdir, "features"), "seed": o.seed,
       "data.seed": o.seed})
   finish(start_training(preset["sft"], os.path.join(workdir, "sft"), {
       **once, **preset["policy"], **preset["sft_overrides"], "model.name": model,

@@ -336,6 +336,59 @@ def test_cached_features_give_the_scores_of_the_full_forward():
   np.testing.assert_allclose(np.asarray(features)[row, slot], np.concatenate(want), rtol=1e-4, atol=1e-5)
 
 
+def test_the_cached_head_sees_the_whole_table_each_step_and_its_loss_carries_the_l2_penalty():
+  import jax
+  from configs import classifier as config_lib
+  rng = np.random.default_rng(0)
+  table, labels = rng.normal(size=(13, 5)).astype(np.float32), (rng.random(13) < 0.5).astype(np.int32)
+  batches = clf_lib.FeatureTableBatches(table, labels, multiple=8)
+  first, second = next(batches), next(batches)
+  assert first["features"].shape == (16, 1, 5)  # 13 rows padded to a multiple of 8
+  np.testing.assert_array_equal(first["features"][:13, 0], table)
+  np.testing.assert_array_equal(first["label"][:13, 0], labels)
+  assert first["example_mask"][:, 0].tolist() == [1] * 13 + [0] * 3 and not first["features"][13:].any()
+  for key in first:
+    np.testing.assert_array_equal(first[key], second[key])
+  assert batches.get_state() == {"steps": 2}
+  batches.set_state({"steps": 7})
+  assert batches.get_state() == {"steps": 7}
+
+  config = config_lib.get_config("tiny")
+  model = clf_lib.setup_probe(config)
+  params = model.load_params(None)
+  width = params["head"]["shift"].shape[0]
+  head = {"shift": rng.normal(size=width), "scale": rng.uniform(0.5, 2, width),
+          "kernel": rng.normal(size=(width, 1)), "bias": rng.normal(size=1)}
+  params["head"] = {"shift": jnp.asarray(head["shift"], jnp.float32), "scale": jnp.asarray(head["scale"], jnp.float32),
+                    "linear": {"kernel": jnp.asarray(head["kernel"], jnp.float32),
+                               "bias": jnp.asarray(head["bias"], jnp.float32)}}
+  feats = rng.normal(size=(13, width))
+  batch = next(clf_lib.FeatureTableBatches(feats.astype(np.float32), labels, multiple=8))
+  loss_fn = clf_lib.make_loss_fn(model.spec.graphdef, cached=True, l2=0.25)
+  loss, (count, aux) = jax.jit(loss_fn)({"classifier": params}, batch, None)
+  # float64 reference: -log sigmoid of the signed score per real example, plus 0.25 |w|^2 per example
+  s = ((feats - head["shift"]) * head["scale"]) @ head["kernel"][:, 0] + head["bias"][0]
+  want = np.where(labels > 0, np.log1p(np.exp(-s)), np.log1p(np.exp(s))).sum() + 0.25 * (head["kernel"] ** 2).sum() * 13
+  assert float(count) == 13
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert float(aux["accuracy"]) == ((s >= 0) == (labels > 0)).sum()
+
+
+@pytest.mark.slow
+def test_a_cached_run_trains_the_head_full_batch(tmp_path):
+  from tests.test_main import _main
+  rc, _, err = _main(tmp_path / "run", "--config.classifier.features=cached", "--config.model.frozen_layers=2",
+                     "--config.model.frozen_embeddings=true", "--config.classifier.l2=0.001",
+                     f"--config.classifier.cache_dir={tmp_path / 'features'}", "--config.train.steps=60", "--config.optim.lr=0.02",
+                     config="configs/classifier.py:tiny")
+  assert rc == 0, err[-3000:]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  records = metrics.read_metrics(str(tmp_path / "run"))
+  assert {r["num_examples"] for r in records.values() if "num_examples" in r} == {summary["train_examples"]}
+  losses = [records[step]["loss"] for step in sorted(records) if "loss" in records[step]]
+  assert losses[-1] < 0.5 * losses[0]
+
+
 def test_cached_features_need_the_whole_backbone_frozen(tmp_path):
   from tests.test_main import _main
   rc, _, err = _main(tmp_path / "run", "--config.classifier.features=cached", "--config.model.frozen_layers=1",
