@@ -74,6 +74,8 @@ class Settings:
   dpo_steps: int = 12
   guard_per_kind: int = 16        # train (and calibration) prompts of each kind the classifier learns (is
                                   # calibrated) on
+  guard_steps: int = 60           # full-batch steps of its head (a step updates the optimizer state of the
+                                  # frozen backbone too: about 0.9 s beside SFT on 2 cores)
   max_new_tokens: int = 32        # tokens each evaluated answer may have
   seed: int = 0                   # draws every sample
 
@@ -255,7 +257,7 @@ def run_stack(workdir: str, o: Settings) -> dict:
   guard_run = start_training(preset["guard"], os.path.join(workdir, "guard"), {
       **once, **preset["guard_overrides"], "data.train_path": f"safety:train:{o.guard_per_kind}",
       "data.eval_path": f"safety:calibration:{o.guard_per_kind}",
-      "classifier.cache_dir": os.path.join(workdir, "features"), "seed": o.seed,
+      "classifier.cache_dir": os.path.join(workdir, "features"), "train.steps": o.guard_steps, "seed": o.seed,
       "data.seed": o.seed})
   finish(start_training(preset["sft"], os.path.join(workdir, "sft"), {
       **once, **preset["policy"], **preset["sft_overrides"], "model.name": model,
