@@ -206,7 +206,6 @@ def build_task(config, mesh) -> Task:
   common = dict(tokenizer=tokenizer, template=template, template_kwargs=template_kwargs, seq_len=d.seq_len,
                 batch_size=config.train.batch_size, examples_per_row=d.examples_per_row,
                 max_length=d.max_length or None)
-  train = labelled.make_labelled_iterator(sources["train"], seed=d.seed, **common)
   evaluate = lambda: labelled.make_labelled_iterator(sources["eval"], num_epochs=1, shuffle=False, **common)
   graphdef = model.spec.graphdef
   cached = config.classifier.features == "cached"
@@ -218,7 +217,7 @@ def build_task(config, mesh) -> Task:
     eval_data = lambda: with_features(evaluate(), tables["eval"])
     part = part._replace(load=standardized(part.load, tables["train"]))
   else:
-    eval_data = evaluate
+    train, eval_data = labelled.make_labelled_iterator(sources["train"], seed=d.seed, **common), evaluate
   task = Task({"classifier": part}, make_loss_fn(graphdef, cached, config.classifier.l2), train, eval_data,
               {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)},
               count_name="num_examples")
