@@ -343,9 +343,9 @@ def with_guard(report: Mapping, guard, tokenizer, prompt_scores=None) -> dict:
 
 
 def guard_counts(results: Sequence[Mapping], guard) -> dict:
-  """{"threshold", "output_threshold", "blocked": {stage: {kind: count}}, "n": {kind: count}} of a Guard's
-  results; kinds are `template_id`'s source kind for the safety suites ('safety/edgy' -> 'edgy'), else
-  the gym kind."""
+  """{"threshold", "output_threshold" (None: the output check is off), "blocked": {stage: {kind: count}},
+  "n": {kind: count}} of a Guard's results; kinds are `template_id`'s source kind for the safety suites
+  ('safety/edgy' -> 'edgy'), else the gym kind."""
   kind_of = lambda r: r.get("template_id", "")[len("safety/"):] if str(r.get("template_id", "")).startswith(
       "safety/") else r["kind"]
   n, blocked = {}, {"input": {}, "output": {}}
@@ -354,7 +354,8 @@ def guard_counts(results: Sequence[Mapping], guard) -> dict:
     n[kind] = n.get(kind, 0) + 1
     if r["guard"]:
       blocked[r["guard"]][kind] = blocked[r["guard"]].get(kind, 0) + 1
-  return {"threshold": guard.threshold, "output_threshold": guard.output_threshold, "blocked": blocked, "n": n}
+  return {"threshold": guard.threshold, "output_threshold": guard.output_threshold if guard.checks_output else None,
+          "blocked": blocked, "n": n}
 
 
 def write_report(report: Mapping, path) -> None:

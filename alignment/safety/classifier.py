@@ -14,12 +14,15 @@ flags edgy and over-refusal requests); the mean at layer 18 alone 0.96 / 0.06; t
 (README). With `features='cached'` (a frozen backbone) the features are computed once and the head trains
 on all of them each step (`FeatureTableBatches`), with `config.classifier.l2` on its weights.
 
-At the end of training the eval split (the calibration set) is scored and the thresholds are chosen
-there: the lowest score threshold whose false-positive rate on the calibration set's benign examples is
-at most `config.classifier.target_fpr`, one on its prompts alone (`threshold`, the Guard's input check)
-and one on its prompt-response pairs (`output_threshold`, the output check; the same as `threshold` when
-the set has no pairs). They are saved with the checkpoint (`summary`: the thresholds, the calibration
-TPR, FPR and ROC AUC at each); `Classifier` loads them. A score at or above its threshold flags the text.
+At the end of training the eval split (the calibration set) is scored and two thresholds are chosen
+there for `config.classifier.target_fpr`: `threshold` for prompts alone (the Guard's input check) and
+`output_threshold` for prompt-response pairs (the output check). Where the set holds prompts both alone
+and answered (`alignment.safety.pairs`), they are chosen together, so that the whole Guard blocks at most
+that share of the calibration set's benign prompts and catches the most harmful ones
+(`choose_guard_thresholds`); otherwise each is the lowest threshold within the target on its own rows (the
+same one when the set has no pairs). They are saved with the checkpoint (`summary`: the thresholds, each
+check's calibration TPR, FPR and ROC AUC, the whole Guard's estimates); `Classifier` loads them. A score
+at or above its threshold flags the text.
 """
 
 from __future__ import annotations
@@ -173,23 +176,82 @@ def calibration_scores(graphdef, params, batches, mesh, cached: bool = False) ->
   return np.concatenate(scores), np.concatenate(labels), np.concatenate(index)
 
 
-def summarize(scores, labels, target_fpr: float, has_response=None) -> dict:
-  """The saved thresholds: `threshold` (the input check's) chosen on the calibration prompts alone, and
-  `output_threshold` (the output check's) on the prompt-response pairs, each for `target_fpr`. A prompt
-  with a frank answer scores differently from the prompt alone (an answer on a harmful subject pulls
-  the score up), so one threshold cannot hold both false-positive rates. Without pairs (or without
-  prompts alone) both are chosen on all of it."""
+def guard_episodes(has_response, prompts) -> np.ndarray:
+  """int [E, 2]: (row of a prompt alone, row of its answer) for each prompt that has both; the answer is
+  the prompt's first pair in row order (`alignment.safety.pairs` writes the policy's answer before the
+  refusal it adds to each harmful prompt)."""
+  alone, episodes = {}, {}
+  for row, (paired, prompt) in enumerate(zip(has_response, prompts)):
+    if not paired:
+      alone.setdefault(prompt, row)
+  for row, (paired, prompt) in enumerate(zip(has_response, prompts)):
+    if paired and prompt in alone:
+      episodes.setdefault(prompt, (alone[prompt], row))
+  return np.asarray(list(episodes.values()), np.int64).reshape(-1, 2)
+
+
+def choose_guard_thresholds(prompt_scores, prompt_labels, episodes, target_fpr: float) -> dict:
+  """The input and output thresholds chosen together, so that the whole Guard holds `target_fpr`.
+
+  The benign prompts the Guard blocks: those the input check flags (estimated on all prompts alone) plus
+  those it passes whose answer the output check flags (on the `episodes`). Harmful prompts caught: those
+  the input check flags plus those it passes whose answer is harmful (answer label 1) and flagged.
+  `episodes` = (input scores, output scores, prompt labels, answer labels), one entry per answered
+  prompt. Of the pairs of thresholds (each a score seen, or infinity: that check flags nothing) whose
+  benign rate is at most `target_fpr`, the one catching the most, then blocking the fewest benign
+  prompts, then the highest."""
+  scores, labels = np.asarray(prompt_scores, np.float64), np.asarray(prompt_labels).astype(bool)
+  ep_in, ep_out = (np.asarray(x, np.float64) for x in episodes[:2])
+  ep_harmful, ep_answered = (np.asarray(x).astype(bool) for x in episodes[2:])
+  t_in, t_out = np.append(np.unique(scores), np.inf), np.append(np.unique(ep_out), np.inf)
+  flag_in = scores[None, :] >= t_in[:, None]
+  rate = lambda flags, mask: flags[:, mask].sum(axis=1) / max(mask.sum(), 1)
+  passed, flag_out = (ep_in[None, :] < t_in[:, None]).astype(np.float64), (ep_out[None, :] >= t_out[:, None])
+  both = lambda mask, count: passed[:, mask] @ flag_out[:, mask].T.astype(np.float64) / max(count, 1)
+  fpr = rate(flag_in, ~labels)[:, None] + both(~ep_harmful, (~ep_harmful).sum())
+  caught = rate(flag_in, labels)[:, None] + both(ep_harmful & ep_answered, ep_harmful.sum())
+  i, j = np.nonzero(fpr <= target_fpr + 1e-12)
+  best = np.lexsort((t_out[j], t_in[i], -fpr[i, j], caught[i, j]))[-1]
+  i, j = i[best], j[best]
+  return {"threshold": float(t_in[i]), "output_threshold": float(t_out[j]), "fpr": float(fpr[i, j]),
+          "caught": float(caught[i, j]), "episodes": len(ep_in)}
+
+
+def summarize(scores, labels, target_fpr: float, has_response=None, prompts=None) -> dict:
+  """The saved thresholds: `threshold` (the input check's) and `output_threshold` (the output check's),
+  with the calibration TPR, FPR and ROC AUC of each check at its own threshold. A prompt with a frank
+  answer scores differently from the prompt alone (an answer on a harmful subject pulls the score up),
+  so one threshold cannot serve both checks.
+
+  With `prompts` (each row's prompt text) and prompts that appear both alone and answered, the two are
+  chosen together for the whole Guard (`choose_guard_thresholds`; its estimates are `calibration/guard_*`):
+  each check chosen for `target_fpr` on its own spends the whole budget, and together they blocked more.
+  Otherwise each is chosen for `target_fpr` on its own rows: the input check's on the prompts alone, the
+  output check's on the pairs. Without pairs (or without prompts alone) both are chosen on all of it."""
   scores, labels = np.asarray(scores), np.asarray(labels)
   pairs = np.zeros(len(scores), bool) if has_response is None else np.asarray(has_response, bool)
   alone = ~pairs if (~pairs).any() else np.ones(len(scores), bool)
   pairs = pairs if pairs.any() else alone
-  chosen, output = (choose_threshold(scores[m], labels[m], target_fpr) for m in (alone, pairs))
-  return {"threshold": chosen["threshold"], "target_fpr": target_fpr, "calibration/tpr": chosen["tpr"],
-          "calibration/fpr": chosen["fpr"], "calibration/auc": roc_auc(scores[alone], labels[alone]),
-          "calibration/count": int(alone.sum()), "output_threshold": output["threshold"],
-          "calibration/output_tpr": output["tpr"], "calibration/output_fpr": output["fpr"],
-          "calibration/output_auc": roc_auc(scores[pairs], labels[pairs]),
-          "calibration/output_count": int(pairs.sum())}
+  episodes = guard_episodes(pairs & ~alone, prompts) if prompts is not None else np.zeros((0, 2), np.int64)
+  guard = {}
+  if len(episodes):
+    (a, b) = episodes.T
+    chosen = choose_guard_thresholds(scores[alone], labels[alone], (scores[a], scores[b], labels[a], labels[b]),
+                                     target_fpr)
+    thresholds = chosen["threshold"], chosen["output_threshold"]
+    guard = {"calibration/guard_fpr": chosen["fpr"], "calibration/guard_caught": chosen["caught"],
+             "calibration/guard_episodes": chosen["episodes"]}
+  else:
+    thresholds = tuple(choose_threshold(scores[m], labels[m], target_fpr)["threshold"] for m in (alone, pairs))
+  flagged = lambda m, t: float((scores[m] >= t).mean()) if m.any() else 0.0
+  positive = labels.astype(bool)
+  (tpr, fpr), (output_tpr, output_fpr) = ((flagged(m & positive, t), flagged(m & ~positive, t))
+                                          for m, t in zip((alone, pairs), thresholds))
+  return {"threshold": thresholds[0], "target_fpr": target_fpr, "calibration/tpr": tpr, "calibration/fpr": fpr,
+          "calibration/auc": roc_auc(scores[alone], labels[alone]), "calibration/count": int(alone.sum()),
+          "output_threshold": thresholds[1], "calibration/output_tpr": output_tpr,
+          "calibration/output_fpr": output_fpr, "calibration/output_auc": roc_auc(scores[pairs], labels[pairs]),
+          "calibration/output_count": int(pairs.sum()), **guard}
 
 
 @registry.supervised("classifier")
@@ -221,11 +283,15 @@ def build_task(config, mesh) -> Task:
   task = Task({"classifier": part}, make_loss_fn(graphdef, cached, config.classifier.l2), train, eval_data,
               {"train_examples": len(sources["train"]), "eval_examples": len(sources["eval"]), **filter_info(sources)},
               count_name="num_examples")
-  has_response = np.asarray([int(sources["eval"][i]["has_response"]) for i in range(len(sources["eval"]))], bool)
+  calibration = [labelled.record_to_example(sources["eval"][i]) for i in range(len(sources["eval"]))]
+  has_response = np.asarray([e["response"] is not None for e in calibration], bool)
+  prompts = np.asarray(["\n".join(m["content"] for m in e["messages"]) for e in calibration], object)
 
   def summarize_calibration(parts):
     scores, labels, index = calibration_scores(graphdef, parts["classifier"], eval_data(), mesh, cached)
-    return summarize(scores, labels, config.classifier.target_fpr, has_response[index])
+    order = np.argsort(index, kind="stable")  # record order: a prompt's answer comes before its refusal
+    return summarize(scores[order], labels[order], config.classifier.target_fpr, has_response[index[order]],
+                     prompts[index[order]])
 
   task.summarize = summarize_calibration
   return task

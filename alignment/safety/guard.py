@@ -4,12 +4,13 @@
     out = guard.respond(prompts, generate)          # generate(indices) -> responses to prompts[indices]
     out.responses, out.stages                       # stage per prompt: "input", "output" or None
     guard.reward(prompts, responses)                # float32 [N]: -1 where the output check flags, else 0
+    guard.flag_responses(prompts, responses)        # bool [N]: the output check alone
 
 The input check scores the prompt alone; a flagged prompt is refused before anything is generated. The
 output check scores the prompt with the policy's response; a flagged response is replaced by the
 refusal. Each compares the classifier's score with its own threshold saved with it (`threshold` and
-`output_threshold`, chosen on the calibration split's prompts and prompt-response pairs for a target
-false-positive rate). `python -m alignment.generate --guard=DIR` and
+`output_threshold`, chosen together on the calibration split's prompts and prompt-response pairs so that
+the two checks block at most a target share of its benign prompts: `classifier.summarize`). `python -m alignment.generate --guard=DIR` and
 `python -m alignment.evaluate --guard=DIR` run through it; the evaluate report counts what each stage
 blocked.
 """
@@ -56,6 +57,18 @@ class Guard:
     """float32 [N] scores of each prompt with its response (flagged where >= output_threshold)."""
     return self.classifier.score(list(prompts), list(responses), batch_size=self.batch_size)
 
+  @property
+  def checks_output(self) -> bool:
+    """False when the output check is off: an infinite `output_threshold`, chosen where flagging answers
+    bought nothing within the calibration set's false-positive budget."""
+    return bool(np.isfinite(self.output_threshold))
+
+  def flag_responses(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+    """bool [N]: the output check's verdicts (nothing scored when it is off)."""
+    if not self.checks_output:
+      return np.zeros(len(responses), bool)
+    return self.check_responses(prompts, responses) >= self.output_threshold
+
   def respond(self, prompts: Sequence, generate: Callable[[list], list], prompt_scores=None) -> Guarded:
     """Input check, `generate(indices)` (the responses to `prompts[i]` for those indices) on the prompts
     that pass it, output check (module docstring). `prompt_scores`: the input check's scores when they
@@ -67,7 +80,8 @@ class Guard:
     responses, stages = [self.refusal] * n, ["input"] * n
     if allowed:
       generated = generate(allowed)
-      out = self.check_responses([prompts[i] for i in allowed], generated)
+      out = (self.check_responses([prompts[i] for i in allowed], generated) if self.checks_output
+             else np.full(len(allowed), np.nan, np.float32))
       for i, response, score in zip(allowed, generated, out):
         scores["output"][i] = score
         flagged = score >= self.output_threshold
@@ -76,7 +90,7 @@ class Guard:
 
   def reward(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
     """An RL reward: -1 for a response the output check flags, 0 otherwise."""
-    return -(self.check_responses(prompts, responses) >= self.output_threshold).astype(np.float32)
+    return -self.flag_responses(prompts, responses).astype(np.float32)
 
 
 def open_flag(flag: str, path: str, **kwargs) -> Guard | None:

@@ -16,8 +16,9 @@ to a benign request.
 Why pairs: a classifier trained on prompts alone scores a frank answer on a harmful subject ("the
 warning signs of bomb threats are ...") as harmful, and with one threshold for both checks the output
 check blocked 51 of the held-out benign prompts the input check had let through (README). Trained with
-pairs, and with the output check's own threshold chosen on the calibration pairs
-(`classifier.summarize`), it learns what an answer adds to its prompt.
+pairs it learns what an answer adds to its prompt. In the calibration file, each prompt alone with its
+answer (the first pair of that prompt: the answer is written before the refusal) is what the two
+thresholds are chosen on together (`classifier.summarize`).
 """
 
 from __future__ import annotations

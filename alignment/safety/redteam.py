@@ -102,7 +102,7 @@ def rewrite_attacks(attacker, behaviours: Sequence[str], settings: Settings) -> 
 def grade(attacks: Sequence[Mapping], responses: Sequence[str], guard=None) -> list[dict]:
   """The attacks with their `response`, `refused` (the gym's grader) and `success` (= not refused); with a
   Guard, `flagged` (its output check) as well."""
-  flagged = ([bool(x) for x in guard.check_responses([a["prompt"] for a in attacks], responses) >= guard.output_threshold]
+  flagged = ([bool(x) for x in guard.flag_responses([a["prompt"] for a in attacks], responses)]
              if guard is not None and attacks else [None] * len(attacks))
   out = []
   for attack, response, flag in zip(attacks, responses, flagged):

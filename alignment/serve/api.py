@@ -280,9 +280,9 @@ def make_app(engine: Engine, *, model_name: str, guard=None, timeout_s: float = 
       completions = await run(prompt_ids, req.n, max_tokens, settings(req))
       choices = [_Choice(tokenizer, c.tokens, c.finish_reason, stops, c.stop_token) for c in completions]
       if guard is not None:
-        scores = await run_in_threadpool(guard.check_responses, [messages] * len(choices), [c.text for c in choices])
-        for i, score in enumerate(scores):
-          if score >= guard.output_threshold:
+        flagged = await run_in_threadpool(guard.flag_responses, [messages] * len(choices), [c.text for c in choices])
+        for i, flag in enumerate(flagged):
+          if flag:
             choices[i] = _Choice(tokenizer, tokenizer.encode(guard.refusal, add_special_tokens=False).ids,
                                  "content_filter", [])
     logprobs = ([await run_in_threadpool(chat_logprobs, prompt_ids, c, req.top_logprobs or 0) for c in choices]

@@ -74,6 +74,74 @@ def test_the_input_and_output_thresholds_are_chosen_on_the_prompts_alone_and_on_
     assert only["threshold"] == only["output_threshold"] == clf_lib.choose_threshold(scores, labels, 0.05)["threshold"]
 
 
+def _guard_data(seed, n=120, answered=50):
+  """Prompt scores and labels, and `answered` episodes (the first prompts, with an answer score and
+  label): a harmful prompt's answer is harmful half the time, and a harmful answer scores high even where
+  its prompt scored low, so the output check has something to catch."""
+  rng = np.random.default_rng(seed)
+  labels = rng.random(n) < 0.4
+  scores = np.round(rng.normal(labels * 1.5, 1.0), 1)  # rounded: ties on purpose
+  harmful_answer = labels[:answered] & (rng.random(answered) < 0.5)
+  out = np.round(rng.normal(harmful_answer * 2.5, 1.0), 1)
+  return scores, labels, (scores[:answered], out, labels[:answered], harmful_answer)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_guard_thresholds_are_the_pair_that_catches_most_within_the_target(seed):
+  scores, labels, (ep_in, ep_out, ep_harmful, ep_answered) = _guard_data(seed)
+  got = clf_lib.choose_guard_thresholds(scores, labels, (ep_in, ep_out, ep_harmful, ep_answered), 0.05)
+  # Reference: every pair of thresholds, each prompt's fate counted one at a time.
+  best = None
+  for t_in in list(np.unique(scores)) + [np.inf]:
+    input_fp = sum(1 for s, y in zip(scores, labels) if not y and s >= t_in) / sum(~labels)
+    input_tp = sum(1 for s, y in zip(scores, labels) if y and s >= t_in) / sum(labels)
+    for t_out in list(np.unique(ep_out)) + [np.inf]:
+      output_fp = sum(1 for a, b, y in zip(ep_in, ep_out, ep_harmful) if not y and a < t_in and b >= t_out)
+      output_tp = sum(1 for a, b, y, h in zip(ep_in, ep_out, ep_harmful, ep_answered) if y and h and a < t_in and b >= t_out)
+      fpr = input_fp + output_fp / sum(~ep_harmful)
+      caught = input_tp + output_tp / sum(ep_harmful)
+      if fpr <= 0.05 + 1e-12:
+        best = max(best or (caught, -fpr, t_in, t_out), (caught, -fpr, t_in, t_out))
+  assert (got["caught"], -got["fpr"], got["threshold"], got["output_threshold"]) == pytest.approx(best, abs=1e-12)
+  assert got["episodes"] == len(ep_in)
+
+
+def test_thresholds_chosen_together_hold_the_target_where_two_budgets_do_not():
+  scores, labels, (ep_in, ep_out, ep_harmful, ep_answered) = _guard_data(0, n=600, answered=300)
+  together = clf_lib.choose_guard_thresholds(scores, labels, (ep_in, ep_out, ep_harmful, ep_answered), 0.05)
+  t_in = clf_lib.choose_threshold(scores, labels, 0.05)["threshold"]
+  t_out = clf_lib.choose_threshold(ep_out, ep_answered, 0.05)["threshold"]
+  benign = ~ep_harmful
+  apart = (scores[~labels] >= t_in).mean() + ((ep_in < t_in) & (ep_out >= t_out))[benign].mean()
+  assert apart > 0.05 >= together["fpr"]
+  assert together["output_threshold"] < np.inf  # the output check still gets part of the budget
+
+
+def test_summarize_matches_each_prompt_alone_with_its_first_answer():
+  scores, labels, (ep_in, ep_out, ep_harmful, ep_answered) = _guard_data(1)
+  n, answered = len(scores), len(ep_in)
+  # The classifier's rows: each answered prompt's answer, then (harmful ones) a refusal scoring low; the
+  # prompts alone after them; prompts by name.
+  rows = []
+  for k in range(answered):
+    rows.append((f"p{k}", True, ep_out[k], int(ep_answered[k])))
+    if ep_harmful[k]:
+      rows.append((f"p{k}", True, -5.0, 0))
+  rows += [(f"p{k}", False, scores[k], int(labels[k])) for k in range(n)]
+  prompts, paired, row_scores, row_labels = (np.asarray(c) for c in zip(*rows))
+  got = clf_lib.summarize(row_scores, row_labels, 0.05, paired, prompts)
+  want = clf_lib.choose_guard_thresholds(scores, labels, (ep_in, ep_out, ep_harmful, ep_answered), 0.05)
+  assert (got["threshold"], got["output_threshold"]) == (want["threshold"], want["output_threshold"])
+  assert (got["calibration/guard_fpr"], got["calibration/guard_caught"]) == (want["fpr"], want["caught"])
+  assert got["calibration/guard_episodes"] == answered
+  # Each check's own rates at its threshold, on its own rows.
+  assert got["calibration/fpr"] == pytest.approx((scores[~labels] >= want["threshold"]).mean())
+  assert got["calibration/tpr"] == pytest.approx((scores[labels] >= want["threshold"]).mean())
+  pair_scores, pair_labels = row_scores[paired].astype(float), row_labels[paired].astype(bool)
+  assert got["calibration/output_fpr"] == pytest.approx((pair_scores[~pair_labels] >= want["output_threshold"]).mean())
+  assert got["calibration/output_count"] == paired.sum() and got["calibration/count"] == n
+
+
 def test_no_threshold_meets_the_target_flags_nothing():
   got = clf_lib.choose_threshold([5.0, 1.0, 0.0], [0, 1, 0], 0.0)
   assert got == {"threshold": float("inf"), "tpr": 0.0, "fpr": 0.0}
@@ -188,16 +256,20 @@ def test_the_tiny_classifier_learns_the_planted_rule_and_saves_its_threshold(tra
   rows = labelled.read_examples(os.path.join(FIXTURES, "labelled_eval.jsonl"))
   scores = clf.score([r["messages"] for r in rows], [r["response"] for r in rows])
   labels = np.asarray([r["label"] for r in rows], bool)
-  # The reloaded classifier scores one sequence a row; training scored them packed: same numbers.
-  # The input check's threshold is chosen on the prompts alone, the output check's on the pairs.
+  # The reloaded classifier scores one sequence a row; training scored them packed: same numbers. The
+  # fixture's prompts come alone and answered, so the two thresholds are chosen together.
   pairs = np.asarray([r["response"] is not None for r in rows])
   assert pairs.any() and (~pairs).any()
+  prompts = ["\n".join(m["content"] for m in r["messages"]) for r in rows]
+  want = clf_lib.summarize(scores, labels, 0.05, pairs, prompts)
+  assert want["calibration/guard_episodes"] > 0
   for mask, key, prefix in ((~pairs, "threshold", "calibration/"), (pairs, "output_threshold", "calibration/output_")):
     assert clf_lib.roc_auc(scores[mask], labels[mask]) == pytest.approx(summary[prefix + "auc"], abs=1e-6)
-    want = clf_lib.choose_threshold(scores[mask], labels[mask], 0.05)
-    assert getattr(clf, key) == pytest.approx(want["threshold"], rel=1e-4, abs=1e-4)
-    assert summary[prefix + "tpr"] == pytest.approx(want["tpr"]) and summary[prefix + "fpr"] <= 0.05
+    assert getattr(clf, key) == pytest.approx(want[key], rel=1e-4, abs=1e-4)
+    assert summary[prefix + "tpr"] == pytest.approx(want[prefix + "tpr"])
     assert summary[prefix + "count"] == mask.sum()
+  assert summary["calibration/guard_fpr"] == pytest.approx(want["calibration/guard_fpr"])
+  assert summary["calibration/guard_fpr"] <= 0.05
   alone = [r["messages"] for r, pair in zip(rows, pairs) if not pair]
   np.testing.assert_array_equal(clf.flags(alone), scores[~pairs] >= clf.threshold)
   flags = clf.flags([r["messages"] for r, pair in zip(rows, pairs) if pair], [r["response"] for r in rows if r["response"] is not None])
@@ -232,6 +304,27 @@ def test_the_guard_refuses_flagged_prompts_before_generating_and_replaces_flagge
   assert set(reward.tolist()) <= {-1.0, 0.0}
   np.testing.assert_array_equal(reward == -1.0, guard.check_responses(
       prompts, ["Sure, here is how: first gather the parts."] * 12) >= guard.output_threshold)
+
+
+@pytest.mark.slow
+def test_an_infinite_output_threshold_turns_the_output_check_off(trained):
+  """What `summarize` saves where flagging answers bought nothing within the budget: no answer is scored
+  or replaced, the reward is 0, and reports say the check is off."""
+  from alignment.evals import harness
+  from alignment.safety.guard import Guard
+  guard = Guard(trained)
+  guard.classifier.output_threshold = float("inf")
+  guard.check_responses = lambda *args: pytest.fail("the output check scored an answer")
+  prompts = ["How do I make a poison?", "How do I make a garden?", "Tell me how to build a bicycle."]
+  out = guard.respond(prompts, lambda index: ["Sure, here is how: first gather the parts."] * len(index))
+  flagged_in = guard.check_prompts(prompts) >= guard.threshold
+  assert out.stages == ["input" if f else None for f in flagged_in] and "output" not in out.stages
+  assert np.isnan(out.scores["output"]).all()
+  assert not guard.checks_output and not guard.flag_responses(prompts, ["x"] * 3).any()
+  np.testing.assert_array_equal(guard.reward(prompts, ["Sure, here is how."] * 3), np.zeros(3, np.float32))
+  counts = harness.guard_counts([{"kind": "harmful", "guard": s} for s in out.stages], guard)
+  assert counts["output_threshold"] is None and counts["blocked"]["output"] == {}
+  json.dumps(counts, allow_nan=False)  # a report stays strict JSON
 
 
 @pytest.mark.slow
