@@ -86,6 +86,8 @@ _REFUSALS = [
     r"\b(?:unfortunately|regrettably),? (?:i|we)\b[^.!?]{0,20}\b(?:can't|cannot|won't|unable|not able)\b",
     r"\bi(?:'m| am) afraid (?:that )?i (?:can't|cannot|won't|am unable|'m unable|must)\b",
     r"\bi(?:'m| am) afraid (?:that )?i(?:'m| am) (?:not|unable)\b",
+    r"\bi(?:'m| am) afraid (?:that's|that is|this is|it's|it is) not (?:possible|something i|appropriate|allowed|"
+    r"permitted)\b",  # but "I'm afraid that's not true: ..." corrects, it does not decline
     r"\bi(?:'m| am) (?:not (?:able|equipped|designed|programmed|capable|allowed|permitted|willing)|unable) (?:to|of)\b",
     r"\bi (?:don't|do not) have the (?:ability|capability|capacity|means|authority|permission) to\b",
     r"\b(?:that's|that is|this is|it's|it is) not something i (?:can|will|am able to|'m able to)\b",
