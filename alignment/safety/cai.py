@@ -173,14 +173,13 @@ def _read_jsonl_rows(path: str, keys: tuple) -> list[dict]:
 
 
 def red_team_prompts(source: str, count: int, seed: int) -> list[str]:
-  """`count` prompts (all when 0): `safety:<split>`'s harmful and jailbreak requests, alternating the two
-  kinds, or a JSONL file's `prompt` fields, in a seeded order."""
+  """`count` prompts (all when 0): the harmful and jailbreak requests of `safety:<split>` (or of its seeded
+  sample `safety:<split>:<N of each kind>`), alternating the two kinds, or a JSONL file's `prompt` fields,
+  in a seeded order."""
   if source.startswith("safety:"):
     from alignment.safety import data as safety_data
-    split = source.partition(":")[2]
-    if split not in safety_data.SPLITS:
-      raise ValueError(f"--prompts={source}: expected safety:<{'|'.join(safety_data.SPLITS)}> or a JSONL file")
-    records = safety_data.load_splits(seed)[split]
+    split, per_kind = safety_data.parse_source(source)
+    records = safety_data.sample_per_kind(safety_data.load_splits(seed)[split], per_kind, seed)
     by_kind = [[r["prompt"] for r in records if r["kind"] == kind] for kind in safety_data.HARMFUL_KINDS]
     for i, prompts in enumerate(by_kind):
       random.Random(f"{seed}/prompts/{i}").shuffle(prompts)
@@ -295,7 +294,8 @@ def _define_flags():
   from absl import flags
   flags.DEFINE_string("model", "smollm2-135m-instruct", "the model that answers, critiques, revises and labels")
   flags.DEFINE_string("constitution", "harmless", "a bundled constitution's name or a YAML file")
-  flags.DEFINE_string("prompts", "safety:train", "red-team prompts: safety:<split> or a JSONL file of {prompt}")
+  flags.DEFINE_string("prompts", "safety:train", "red-team prompts: safety:<split>, safety:<split>:<N of "
+                      "each kind> or a JSONL file of {prompt}")
   flags.DEFINE_integer("num_prompts", 64, "prompts to critique and revise (0 = all)")
   flags.DEFINE_string("pairs", "gym:train", "pairs to label: gym:train or a JSONL of {prompt, chosen, rejected}; "
                       "'' for none")

@@ -142,11 +142,8 @@ def resolve_path(path: str, data_config) -> str:
   if not path.startswith(SAFETY_PREFIX):
     return path
   from alignment.safety import data as safety_data
-  split, _, per_kind = path[len(SAFETY_PREFIX):].partition(":")
-  if split not in safety_data.SPLITS or not (per_kind == "" or per_kind.isdigit() and int(per_kind) > 0):
-    raise ValueError(f"{path!r}: expected safety:<split> or safety:<split>:<prompts of each kind>, the split one "
-                     f"of {', '.join(safety_data.SPLITS)}")
-  records = safety_data.sample_per_kind(safety_data.load_splits(data_config.seed)[split], int(per_kind or 0),
+  split, per_kind = safety_data.parse_source(path)
+  records = safety_data.sample_per_kind(safety_data.load_splits(data_config.seed)[split], per_kind,
                                         data_config.seed)
   rows = safety_data.classifier_rows(records)
   name = f"{split}_seed{data_config.seed}" + (f"_{per_kind}_per_kind" if per_kind else "")

@@ -179,6 +179,17 @@ def load_splits(seed: int = 0, root: str | os.PathLike | None = None) -> dict[st
   return {s: [dict(r) for r in rows] for s, rows in loaded.items()}
 
 
+def parse_source(source: str) -> tuple[str, int]:
+  """'safety:<split>' -> (split, 0); 'safety:<split>:<N>' -> (split, N prompts of each kind). How every
+  command line names these prompts; anything else raises ValueError naming it."""
+  prefix, _, rest = source.partition(":")
+  split, _, per_kind = rest.partition(":")
+  if prefix != "safety" or split not in SPLITS or not (per_kind == "" or per_kind.isdigit() and int(per_kind) > 0):
+    raise ValueError(f"{source!r}: expected safety:<split> or safety:<split>:<prompts of each kind>, the split one "
+                     f"of {', '.join(SPLITS)}")
+  return split, int(per_kind or 0)
+
+
 def sample_per_kind(rows, per_kind: int, seed: int = 0) -> list[dict]:
   """Up to `per_kind` rows of each kind, drawn at random with `seed` (every row when per_kind is 0): the
   same sample for the same rows, so a classifier trained on one is reported on the same one."""

@@ -197,6 +197,11 @@ def test_red_team_prompts_alternate_harmful_and_jailbreak_requests_of_the_split(
   assert [records[p] for p in prompts] == ["harmful", "jailbreak"] * 5
   held_out = {r["prompt"] for r in safety_data.load_splits(0)["held_out"]}
   assert not held_out & set(cai.red_team_prompts("safety:train", 0, seed=0))
+  sampled = safety_data.sample_per_kind(safety_data.load_splits(0)["train"], 5, seed=0)
+  want = {r["prompt"] for r in sampled if r["kind"] in safety_data.HARMFUL_KINDS}
+  assert len(want) == 10 and set(cai.red_team_prompts("safety:train:5", 0, seed=0)) == want
+  with pytest.raises(ValueError, match="'safety:test': expected safety:<split> or safety:<split>:<prompts of each"):
+    cai.red_team_prompts("safety:test", 0, seed=0)
 
 
 def test_a_bad_prompts_or_pairs_file_is_refused_naming_its_line(tmp_path):
