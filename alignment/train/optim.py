@@ -51,16 +51,31 @@ def freeze(frozen_layers: int, frozen_embeddings: bool = False) -> optax.Gradien
   return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(mask, updates))
 
 
+def _has_trained_rows(frozen_layers: int, frozen_embeddings: bool):
+  """params -> a tree of bools: False for a leaf `freeze` zeroes whole (the embedding table when frozen, a
+  stacked layer weight when every layer is frozen), so AdamW keeps no moments for it and skips it each step:
+  a head on a frozen backbone updates the head alone, not 135M zeros."""
+  def trained(path, leaf):
+    keys = [getattr(k, "key", None) for k in path]
+    if frozen_embeddings and keys[-1] == "embed":
+      return False
+    return "layers" not in keys or frozen_layers < leaf.shape[0]
+  return lambda params: jax.tree_util.tree_map_with_path(trained, params)
+
+
 def make_optimizer(optim, total_steps: int, *, frozen_layers: int = 0, frozen_embeddings: bool = False) -> Optimizer:
   """(optax transformation, learning-rate schedule) from a `config.optim` block."""
   schedule = learning_rate_schedule(optim, total_steps)
   parts = []
   if optim.clip_norm and optim.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.clip_norm))
-  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay, mask=_decay_mask))
+  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                      mask=_decay_mask)
   if frozen_layers or frozen_embeddings:
-    parts.append(freeze(frozen_layers, frozen_embeddings))
+    parts += [optax.masked(adamw, _has_trained_rows(frozen_layers, frozen_embeddings)),
+              freeze(frozen_layers, frozen_embeddings)]
+  else:
+    parts.append(adamw)
   return Optimizer(optax.chain(*parts), schedule)
 
 

@@ -91,8 +91,10 @@ def state_shardings(parts: Mapping[str, Part], mesh: Mesh, rules) -> dict:
   opt = {}
   for name, optimizer in trained(parts).items():
     abstract_opt = jax.eval_shape(optimizer.tx.init, parts[name].spec.abstract_params)
-    opt[name] = optax.tree_map_params(optimizer.tx, lambda _, s: s, abstract_opt, out[name],
-                                      transform_non_params=lambda _: replicated(mesh))
+    # a leaf the optimizer keeps no state for (optax.MaskedNode: a frozen embedding) stays one
+    opt[name] = optax.tree_map_params(optimizer.tx, lambda m, s: m if isinstance(m, optax.MaskedNode) else s,
+                                      abstract_opt, out[name], transform_non_params=lambda _: replicated(mesh),
+                                      is_leaf=lambda m: isinstance(m, optax.MaskedNode))
   out["opt_state"] = opt
   out.update({key: replicated(mesh) for key in BOOKKEEPING if key != "opt_state"})
   return out

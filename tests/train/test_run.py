@@ -105,3 +105,26 @@ def test_what_a_job_cannot_do_is_refused_before_anything_loads(monkeypatch):
   config.train.nan_policy, config.train.batch_size = "skip", 12
   with pytest.raises(ValueError, match=r"config.train.batch_size=12 must be divisible by data x fsdp \(8\)"):
     check_run_config(config, mesh)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_frozen_embedding_resumes_with_the_losses_of_one_that_was_not_stopped(tmp_path, monkeypatch):
+  """The frozen embedding keeps no optimizer state (`optim.make_optimizer`): the saved state still restores."""
+  config = _config(tmp_path, steps=5, ckpt_every=3)
+  config.model.frozen_layers, config.model.frozen_embeddings = 1, True
+  losses = lambda workdir: [r["loss"] for r in _lines(workdir)]
+  run(config, str(tmp_path / "whole"))
+  original = metrics.MetricsWriter.write
+
+  def crash_after_step_4(self, step, values):
+    original(self, step, values)
+    if step == 4:
+      raise RuntimeError("simulated crash")
+
+  with monkeypatch.context() as patched:
+    patched.setattr(metrics.MetricsWriter, "write", crash_after_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+      run(config, str(tmp_path / "resumed"))
+  assert run(config, str(tmp_path / "resumed"))["start_step"] == 3
+  assert [r["step"] for r in _lines(str(tmp_path / "resumed"))] == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose(losses(str(tmp_path / "resumed")), losses(str(tmp_path / "whole")), rtol=1e-6)
