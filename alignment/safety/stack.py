@@ -14,7 +14,8 @@ Stages, each writing under WORKDIR:
   data/            sft.jsonl: refusals to the train split's harmful and jailbreak prompts and to the
                    successful attacks, the revisions, its own answers to the train split's benign prompts
                    (those it did not refuse: helpful answers to keep) and the gym's chosen train answers;
-                   dpo.jsonl: the red-team pairs (a refusal over what got through) and the gym's train pairs;
+                   dpo.jsonl: the red-team pairs (a refusal over what got through), the gym's train pairs and,
+                   with --benign_pairs=N, N of the helpful answers each over a refusal (against over-refusal);
   sft/             SFT on sft.jsonl (`configs/sft.py:smollm2`, the top layers trained);
   policy/          DPO from sft/ on dpo.jsonl (`configs/dpo.py:gym`): the aligned policy;
   guard/           the safety classifier (`configs/classifier.py:safety`, reading layers 6 to 18) on a
@@ -70,6 +71,7 @@ class Settings:
                                   # a CPU: 8 cost SmolLM2 2 min 20 s, and it mostly copies the worked example)
   gym_answers: int = 64           # the gym's chosen train answers in the SFT set
   gym_pairs: int = 48             # the gym's train pairs in the DPO set beside the red-team pairs
+  benign_pairs: int = 0           # benign train prompts in the DPO set with its own answer over a refusal
   sft_steps: int = 12             # two 512-token rows each on SmolLM2
   dpo_steps: int = 12
   guard_per_kind: int = 16        # train (and calibration) prompts of each kind the classifier learns (is
@@ -140,6 +142,22 @@ def sft_rows(train_records, attack_rows, revision_rows, helpful_rows, gym_answer
   rows += list(attack_rows) + list(revision_rows) + list(helpful_rows)
   pairs = gym.preference_pairs("train")
   rows += [{"prompt": p["prompt"], "completion": p["chosen"]} for p in rng.sample(pairs, min(gym_answers, len(pairs)))]
+  rng.shuffle(rows)
+  return rows
+
+
+def dpo_rows(red_team_pairs, helpful_rows, benign_pairs: int, seed: int) -> list[dict]:
+  """The DPO set: the red team's pairs (a refusal over what got through, and the gym's pairs), then
+  `benign_pairs` of the helpful answers (a seeded sample), each chosen over a refusal from the same pool
+  the harmful prompts' refusals come from: refusing a benign request is the rejected side. Shuffled when
+  any were added."""
+  from alignment.safety import redteam
+  if not benign_pairs:
+    return list(red_team_pairs)
+  rng = random.Random(f"{seed}/stack/dpo")
+  pool = redteam.refusal_pool()
+  rows = list(red_team_pairs) + [{"prompt": h["prompt"], "chosen": h["completion"], "rejected": rng.choice(pool)}
+                                 for h in rng.sample(list(helpful_rows), min(benign_pairs, len(helpful_rows)))]
   rng.shuffle(rows)
   return rows
 
@@ -246,7 +264,7 @@ def run_stack(workdir: str, o: Settings) -> dict:
   sft = sft_rows(train_records, read(os.path.join(workdir, "redteam", "sft.jsonl")),
                  revisions, helpful, o.gym_answers, o.seed)
   write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), sft)
-  dpo = read(os.path.join(workdir, "redteam", "dpo.jsonl"))
+  dpo = dpo_rows(read(os.path.join(workdir, "redteam", "dpo.jsonl")), helpful, o.benign_pairs, o.seed)
   write_jsonl(os.path.join(workdir, "data", "dpo.jsonl"), dpo)
   lap("helpful answers and the data sets")
 

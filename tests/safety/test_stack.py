@@ -60,6 +60,21 @@ def test_the_sft_set_refuses_the_harmful_train_prompts_and_keeps_every_other_row
   assert rows == stack.sft_rows(records, attacks, revisions, helpful, gym_answers=5, seed=0)
 
 
+def test_the_dpo_set_keeps_the_red_team_pairs_and_prefers_a_sample_of_helpful_answers_to_refusals():
+  red_team = [{"prompt": f"attack {i}", "chosen": "a refusal", "rejected": "compliance"} for i in range(3)]
+  helpful = [{"prompt": f"benign {i}", "completion": f"answer {i}"} for i in range(10)]
+  rows = stack.dpo_rows(red_team, helpful, benign_pairs=4, seed=0)
+  assert len(rows) == 7 and all(r in rows for r in red_team)
+  benign = [r for r in rows if r["prompt"].startswith("benign")]
+  answers = {h["prompt"]: h["completion"] for h in helpful}
+  pool = set(redteam.refusal_pool())
+  assert len({r["prompt"] for r in benign}) == 4
+  assert all(r["chosen"] == answers[r["prompt"]] and r["rejected"] in pool for r in benign)
+  assert rows == stack.dpo_rows(red_team, helpful, benign_pairs=4, seed=0)
+  assert len(stack.dpo_rows(red_team, helpful, benign_pairs=50, seed=0)) == 13  # at most every helpful answer
+  assert stack.dpo_rows(red_team, helpful, benign_pairs=0, seed=0) == red_team  # the red team's order, as before
+
+
 @pytest.mark.slow
 def test_the_tiny_stack_leaves_a_policy_and_a_guard_that_evaluate_reads_back(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
