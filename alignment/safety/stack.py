@@ -76,8 +76,7 @@ class Settings:
   dpo_steps: int = 12
   guard_per_kind: int = 16        # train (and calibration) prompts of each kind the classifier learns (is
                                   # calibrated) on
-  guard_steps: int = 60           # full-batch steps of its head (a step updates the optimizer state of the
-                                  # frozen backbone too: about 0.9 s beside SFT on 2 cores)
+  guard_steps: int = 60           # full-batch steps of its head (about 0.36 s each beside SFT on 2 cores)
   max_new_tokens: int = 32        # tokens each evaluated answer may have
   seed: int = 0                   # draws every sample
 
