@@ -30,20 +30,25 @@ def _lines(workdir):
   return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
-@pytest.mark.slow
-def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
-  config, workdir = _config(tmp_path, steps=6, ckpt_every=3), str(tmp_path / "run")
+def _run_crashing_after(monkeypatch, config, workdir, last_step):
+  """`run` with a crash right after step `last_step`'s metrics line is written."""
   original = metrics.MetricsWriter.write
 
-  def crash_after_step_5(self, step, values):
+  def write_then_crash(self, step, values):
     original(self, step, values)
-    if step == 5:
+    if step == last_step:
       raise RuntimeError("simulated crash")
 
   with monkeypatch.context() as patched:
-    patched.setattr(metrics.MetricsWriter, "write", crash_after_step_5)
+    patched.setattr(metrics.MetricsWriter, "write", write_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
       run(config, workdir)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
+  config, workdir = _config(tmp_path, steps=6, ckpt_every=3), str(tmp_path / "run")
+  _run_crashing_after(monkeypatch, config, workdir, 5)
   assert [r["step"] for r in _lines(workdir)] == [1, 2, 3, 4, 5]  # 4 and 5 came after the checkpoint at 3
   run(config, workdir)
   assert [r["step"] for r in _lines(workdir)] == [1, 2, 3, 4, 5, 6]
@@ -114,17 +119,7 @@ def test_a_run_with_a_frozen_embedding_resumes_with_the_losses_of_one_that_was_n
   config.model.frozen_layers, config.model.frozen_embeddings = 1, True
   losses = lambda workdir: [r["loss"] for r in _lines(workdir)]
   run(config, str(tmp_path / "whole"))
-  original = metrics.MetricsWriter.write
-
-  def crash_after_step_4(self, step, values):
-    original(self, step, values)
-    if step == 4:
-      raise RuntimeError("simulated crash")
-
-  with monkeypatch.context() as patched:
-    patched.setattr(metrics.MetricsWriter, "write", crash_after_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-      run(config, str(tmp_path / "resumed"))
+  _run_crashing_after(monkeypatch, config, str(tmp_path / "resumed"), 4)
   assert run(config, str(tmp_path / "resumed"))["start_step"] == 3
   assert [r["step"] for r in _lines(str(tmp_path / "resumed"))] == [1, 2, 3, 4, 5]
   np.testing.assert_allclose(losses(str(tmp_path / "resumed")), losses(str(tmp_path / "whole")), rtol=1e-6)
