@@ -34,19 +34,26 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def freeze(frozen_layers: int, frozen_embeddings: bool = False) -> optax.GradientTransformation:
-  """Zeroes the updates of the first `frozen_layers` rows of every stacked layer weight (leaves under a
-  'layers' key) and, with `frozen_embeddings`, of the embedding table ('embed'), so what
-  `config.model.frozen_*` freezes stays exactly as loaded, weight decay included."""
-  n = frozen_layers
+def _frozen_rows(path, leaf, frozen_layers: int, frozen_embeddings: bool) -> int:
+  """How many leading rows of a param leaf `config.model.frozen_*` freezes: all of the embedding table
+  ('embed') with `frozen_embeddings`, the first `frozen_layers` of a stacked layer weight (a leaf under a
+  'layers' key), none of anything else."""
+  keys = [getattr(k, "key", None) for k in path]
+  if frozen_embeddings and keys[-1] == "embed":
+    return leaf.shape[0]
+  return min(frozen_layers, leaf.shape[0]) if "layers" in keys else 0
 
+
+def freeze(frozen_layers: int, frozen_embeddings: bool = False) -> optax.GradientTransformation:
+  """Zeroes the updates of the rows `_frozen_rows` names, so what `config.model.frozen_*` freezes stays
+  exactly as loaded, weight decay included."""
   def mask(path, update):
-    keys = [getattr(k, "key", None) for k in path]
-    if frozen_embeddings and keys[-1] == "embed":
-      return jnp.zeros_like(update)
-    if "layers" not in keys:
+    rows = _frozen_rows(path, update, frozen_layers, frozen_embeddings)
+    if not rows:
       return update
-    keep = (jnp.arange(update.shape[0]) >= n).astype(update.dtype)
+    if rows == update.shape[0]:
+      return jnp.zeros_like(update)
+    keep = (jnp.arange(update.shape[0]) >= rows).astype(update.dtype)
     return update * keep.reshape((-1,) + (1,) * (update.ndim - 1))
   return optax.stateless(lambda updates, params: jax.tree_util.tree_map_with_path(mask, updates))
 
@@ -56,10 +63,8 @@ def _has_trained_rows(frozen_layers: int, frozen_embeddings: bool):
   stacked layer weight when every layer is frozen), so AdamW keeps no moments for it and skips it each step:
   a head on a frozen backbone updates the head alone, not 135M zeros."""
   def trained(path, leaf):
-    keys = [getattr(k, "key", None) for k in path]
-    if frozen_embeddings and keys[-1] == "embed":
-      return False
-    return "layers" not in keys or frozen_layers < leaf.shape[0]
+    rows = _frozen_rows(path, leaf, frozen_layers, frozen_embeddings)
+    return not rows or rows < leaf.shape[0]
   return lambda params: jax.tree_util.tree_map_with_path(trained, params)
 
 
