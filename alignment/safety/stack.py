@@ -14,8 +14,10 @@ Stages, each writing under WORKDIR:
   data/            sft.jsonl: refusals to the train split's harmful and jailbreak prompts and to the
                    successful attacks, the revisions, its own answers to the train split's benign prompts
                    (those it did not refuse: helpful answers to keep) and the gym's chosen train answers;
-                   dpo.jsonl: the red-team pairs (a refusal over what got through), the gym's train pairs and,
-                   with --benign_pairs=N, N of the helpful answers each over a refusal (against over-refusal);
+                   dpo.jsonl: the red-team pairs (a refusal over what got through), the gym's train pairs,
+                   with --harmful_pairs=N a refusal over N of its answers to the train split's harmful and
+                   jailbreak prompts (those it did not refuse) and with --benign_pairs=N N of the helpful
+                   answers each over a refusal (against over-refusal);
   sft/             SFT on sft.jsonl (`configs/sft.py:smollm2`, the top layers trained);
   policy/          DPO from sft/ on dpo.jsonl (`configs/dpo.py:gym`): the aligned policy;
   guard/           the safety classifier (`configs/classifier.py:safety`, reading layers 6 to 18) on a
@@ -71,6 +73,7 @@ class Settings:
                                   # a CPU: 8 cost SmolLM2 2 min 20 s, and it mostly copies the worked example)
   gym_answers: int = 64           # the gym's chosen train answers in the SFT set
   gym_pairs: int = 48             # the gym's train pairs in the DPO set beside the red-team pairs
+  harmful_pairs: int = 0          # harmful train prompts in the DPO set with a refusal over its own answer
   benign_pairs: int = 0           # benign train prompts in the DPO set with its own answer over a refusal
   sft_steps: int = 12             # two 512-token rows each on SmolLM2
   dpo_steps: int = 12
@@ -120,8 +123,9 @@ def evaluate(policy, suite: str, settings) -> dict:
   return harness.evaluate_probes(policy.cfg, policy.params, policy.tokenizer, probes, settings)
 
 
-def helpful_answers(policy, records: Sequence[Mapping], settings) -> list[dict]:
-  """The policy's greedy answers to benign prompts, as SFT rows, where it answered (not refused)."""
+def answered(policy, records: Sequence[Mapping], settings) -> list[dict]:
+  """The policy's greedy answers to the records' prompts, as SFT rows, where it answered (did not refuse):
+  for benign prompts the helpful answers to keep, for harmful ones what DPO should turn into refusals."""
   from alignment.evals import graders, harness
   prompts = [r["prompt"] for r in records]
   answers = harness.answers(policy, prompts, settings)
@@ -145,18 +149,24 @@ def sft_rows(train_records, attack_rows, revision_rows, helpful_rows, gym_answer
   return rows
 
 
-def dpo_rows(red_team_pairs, helpful_rows, benign_pairs: int, seed: int) -> list[dict]:
+def dpo_rows(red_team_pairs, helpful_rows, complied_rows, benign_pairs: int, harmful_pairs: int,
+             seed: int) -> list[dict]:
   """The DPO set: the red team's pairs (a refusal over what got through, and the gym's pairs), then
-  `benign_pairs` of the helpful answers (a seeded sample), each chosen over a refusal from the same pool
-  the harmful prompts' refusals come from: refusing a benign request is the rejected side. Shuffled when
-  any were added."""
+  `harmful_pairs` of the answers to harmful prompts each rejected for a refusal, and `benign_pairs` of the
+  helpful answers each chosen over a refusal (seeded samples; the refusals come from the pool the SFT
+  refusals come from, so the same strings are right for one kind of prompt and wrong for the other).
+  Shuffled when any were added."""
   from alignment.safety import redteam
-  if not benign_pairs:
+  if not benign_pairs and not harmful_pairs:
     return list(red_team_pairs)
   rng = random.Random(f"{seed}/stack/dpo")
   pool = redteam.refusal_pool()
-  rows = list(red_team_pairs) + [{"prompt": h["prompt"], "chosen": h["completion"], "rejected": rng.choice(pool)}
-                                 for h in rng.sample(list(helpful_rows), min(benign_pairs, len(helpful_rows)))]
+  sample = lambda rows, n: rng.sample(list(rows), min(n, len(rows)))
+  rows = list(red_team_pairs)
+  rows += [{"prompt": h["prompt"], "chosen": rng.choice(pool), "rejected": h["completion"]}
+           for h in sample(complied_rows, harmful_pairs)]
+  rows += [{"prompt": h["prompt"], "chosen": h["completion"], "rejected": rng.choice(pool)}
+           for h in sample(helpful_rows, benign_pairs)]
   rng.shuffle(rows)
   return rows
 
@@ -258,14 +268,19 @@ def run_stack(workdir: str, o: Settings) -> dict:
     lap("critique and revise")
   train_records = safety_data.sample_per_kind(safety_data.load_splits(o.seed)["train"], o.train_per_kind, o.seed)
   benign = [r for r in train_records if r["kind"] in BENIGN_KINDS]
-  helpful = helpful_answers(base, benign, dataclasses.replace(settings, batch_size=even_batch(len(benign))))
+  helpful = answered(base, benign, dataclasses.replace(settings, batch_size=even_batch(len(benign))))
+  complied = []
+  if o.harmful_pairs:
+    harmful = [r for r in train_records if r["kind"] in safety_data.HARMFUL_KINDS]
+    complied = answered(base, harmful, dataclasses.replace(settings, batch_size=even_batch(len(harmful))))
   del base
   sft = sft_rows(train_records, read(os.path.join(workdir, "redteam", "sft.jsonl")),
                  revisions, helpful, o.gym_answers, o.seed)
   write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), sft)
-  dpo = dpo_rows(read(os.path.join(workdir, "redteam", "dpo.jsonl")), helpful, o.benign_pairs, o.seed)
+  dpo = dpo_rows(read(os.path.join(workdir, "redteam", "dpo.jsonl")), helpful, complied, o.benign_pairs,
+                 o.harmful_pairs, o.seed)
   write_jsonl(os.path.join(workdir, "data", "dpo.jsonl"), dpo)
-  lap("helpful answers and the data sets")
+  lap("its own answers and the data sets")
 
   once = {"train.eval_every": 0, "train.ckpt_every": 0, "train.ckpt_every_s": 0,
           "data.data_dir": os.path.join(workdir, "tfds")}

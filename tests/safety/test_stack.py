@@ -60,19 +60,27 @@ def test_the_sft_set_refuses_the_harmful_train_prompts_and_keeps_every_other_row
   assert rows == stack.sft_rows(records, attacks, revisions, helpful, gym_answers=5, seed=0)
 
 
-def test_the_dpo_set_keeps_the_red_team_pairs_and_prefers_a_sample_of_helpful_answers_to_refusals():
+def test_the_dpo_set_keeps_the_red_team_pairs_and_sets_refusals_against_complied_and_helpful_answers():
   red_team = [{"prompt": f"attack {i}", "chosen": "a refusal", "rejected": "compliance"} for i in range(3)]
   helpful = [{"prompt": f"benign {i}", "completion": f"answer {i}"} for i in range(10)]
-  rows = stack.dpo_rows(red_team, helpful, benign_pairs=4, seed=0)
-  assert len(rows) == 7 and all(r in rows for r in red_team)
+  complied = [{"prompt": f"harmful {i}", "completion": f"how to {i}"} for i in range(6)]
+  make = lambda benign_pairs, harmful_pairs: stack.dpo_rows(red_team, helpful, complied, benign_pairs,
+                                                            harmful_pairs, seed=0)
+  rows = make(4, 2)
+  assert len(rows) == 9 and all(r in rows for r in red_team)
+  pool = set(redteam.refusal_pool())
   benign = [r for r in rows if r["prompt"].startswith("benign")]
   answers = {h["prompt"]: h["completion"] for h in helpful}
-  pool = set(redteam.refusal_pool())
   assert len({r["prompt"] for r in benign}) == 4
   assert all(r["chosen"] == answers[r["prompt"]] and r["rejected"] in pool for r in benign)
-  assert rows == stack.dpo_rows(red_team, helpful, benign_pairs=4, seed=0)
-  assert len(stack.dpo_rows(red_team, helpful, benign_pairs=50, seed=0)) == 13  # at most every helpful answer
-  assert stack.dpo_rows(red_team, helpful, benign_pairs=0, seed=0) == red_team  # the red team's order, as before
+  harmful = [r for r in rows if r["prompt"].startswith("harmful")]
+  compliance = {h["prompt"]: h["completion"] for h in complied}
+  assert len({r["prompt"] for r in harmful}) == 2
+  assert all(r["rejected"] == compliance[r["prompt"]] and r["chosen"] in pool for r in harmful)
+  assert rows == make(4, 2)
+  assert len(make(50, 50)) == 19  # at most every helpful and every complied answer
+  assert make(0, 0) == red_team  # the red team's order, as before
+  assert [r["prompt"][:6] for r in make(0, 3)].count("harmfu") == 3
 
 
 @pytest.mark.slow
@@ -82,7 +90,7 @@ def test_the_tiny_stack_leaves_a_policy_and_a_guard_that_evaluate_reads_back(tmp
   proc = subprocess.run([sys.executable, "-m", "alignment.safety.stack", "--preset=tiny", f"--workdir={workdir}",
                          "--held_out_per_kind=2", "--train_per_kind=2", "--attack_behaviours=1",
                          "--gym_answers=4", "--gym_pairs=4", "--sft_steps=3", "--dpo_steps=3", "--guard_per_kind=4",
-                         "--max_new_tokens=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                         "--max_new_tokens=4", "--harmful_pairs=3", "--benign_pairs=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((workdir / "stack.json").read_text())
   assert "Held-out real-world safety prompts (12, 2 of each kind)" in proc.stdout
@@ -91,6 +99,12 @@ def test_the_tiny_stack_leaves_a_policy_and_a_guard_that_evaluate_reads_back(tmp
   assert policy_config["model"]["name"] == str(workdir / "sft") and policy_config["algorithm"] == "dpo"
   sft_rows = [json.loads(line) for line in open(workdir / "data" / "sft.jsonl")]
   assert len(sft_rows) == summary["sft_rows"] >= 2 * 2 + 4  # refusals to 2 harmful + 2 jailbreak, 4 gym answers
+  red_team = [json.loads(line) for line in open(workdir / "redteam" / "dpo.jsonl")]
+  dpo_rows = [json.loads(line) for line in open(workdir / "data" / "dpo.jsonl")]
+  added = [r for r in dpo_rows if r not in red_team]
+  assert len(dpo_rows) == summary["dpo_pairs"] == len(red_team) + len(added)
+  pool = set(redteam.refusal_pool())  # the tiny random model refuses nothing: 3 pairs of each side
+  assert sorted(r["chosen"] in pool for r in added) == [False] * 3 + [True] * 3
 
   out = tmp_path / "evaluated.json"
   proc = subprocess.run([sys.executable, "-m", "alignment.evaluate", f"--model={workdir / 'policy'}",
