@@ -125,10 +125,12 @@ def evaluate(policy, suite: str, settings) -> dict:
 
 def answered(policy, records: Sequence[Mapping], settings) -> list[dict]:
   """The policy's greedy answers to the records' prompts, as SFT rows, where it answered (did not refuse):
-  for benign prompts the helpful answers to keep, for harmful ones what DPO should turn into refusals."""
+  for benign prompts the helpful answers to keep, for harmful ones what DPO should turn into refusals.
+  Batched as `evaluate` batches (`even_batch`, at most settings.batch_size a batch)."""
   from alignment.evals import graders, harness
   prompts = [r["prompt"] for r in records]
-  answers = harness.answers(policy, prompts, settings)
+  batch_size = even_batch(len(prompts), settings.batch_size)
+  answers = harness.answers(policy, prompts, dataclasses.replace(settings, batch_size=batch_size))
   return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a and not graders.is_refusal(a)]
 
 
@@ -268,11 +270,9 @@ def run_stack(workdir: str, o: Settings) -> dict:
     lap("critique and revise")
   train_records = safety_data.sample_per_kind(safety_data.load_splits(o.seed)["train"], o.train_per_kind, o.seed)
   benign = [r for r in train_records if r["kind"] in BENIGN_KINDS]
-  helpful = answered(base, benign, dataclasses.replace(settings, batch_size=even_batch(len(benign))))
-  complied = []
-  if o.harmful_pairs:
-    harmful = [r for r in train_records if r["kind"] in safety_data.HARMFUL_KINDS]
-    complied = answered(base, harmful, dataclasses.replace(settings, batch_size=even_batch(len(harmful))))
+  helpful = answered(base, benign, settings)
+  harmful = [r for r in train_records if r["kind"] in safety_data.HARMFUL_KINDS]
+  complied = answered(base, harmful, settings) if o.harmful_pairs else []
   del base
   sft = sft_rows(train_records, read(os.path.join(workdir, "redteam", "sft.jsonl")),
                  revisions, helpful, o.gym_answers, o.seed)

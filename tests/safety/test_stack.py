@@ -80,7 +80,7 @@ def test_the_dpo_set_keeps_the_red_team_pairs_and_sets_refusals_against_complied
   assert rows == make(4, 2)
   assert len(make(50, 50)) == 19  # at most every helpful and every complied answer
   assert make(0, 0) == red_team  # the red team's order, as before
-  assert [r["prompt"][:6] for r in make(0, 3)].count("harmfu") == 3
+  assert sum(r["prompt"].startswith("harmful") for r in make(0, 3)) == 3
 
 
 @pytest.mark.slow
@@ -90,7 +90,8 @@ def test_the_tiny_stack_leaves_a_policy_and_a_guard_that_evaluate_reads_back(tmp
   proc = subprocess.run([sys.executable, "-m", "alignment.safety.stack", "--preset=tiny", f"--workdir={workdir}",
                          "--held_out_per_kind=2", "--train_per_kind=2", "--attack_behaviours=1",
                          "--gym_answers=4", "--gym_pairs=4", "--sft_steps=3", "--dpo_steps=3", "--guard_per_kind=4",
-                         "--max_new_tokens=4", "--harmful_pairs=3", "--benign_pairs=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                         "--max_new_tokens=4", "--harmful_pairs=3", "--benign_pairs=3"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((workdir / "stack.json").read_text())
   assert "Held-out real-world safety prompts (12, 2 of each kind)" in proc.stdout
