@@ -16,7 +16,8 @@ Stages, each writing under WORKDIR:
                    (those it did not refuse: helpful answers to keep) and the gym's chosen train answers;
                    dpo.jsonl: the red-team pairs (a refusal over what got through), the gym's train pairs,
                    with --harmful_pairs=N a refusal over N of its answers to the train split's harmful and
-                   jailbreak prompts (those it did not refuse) and with --benign_pairs=N N of the helpful
+                   jailbreak prompts (those it did not refuse; --extra_harmful_prompts=M adds M plain harmful
+                   train prompts beyond train_per_kind's) and with --benign_pairs=N N of the helpful
                    answers each over a refusal (against over-refusal);
   sft/             SFT on sft.jsonl (`configs/sft.py:smollm2`, the top layers trained);
   policy/          DPO from sft/ on dpo.jsonl (`configs/dpo.py:gym`): the aligned policy;
@@ -74,6 +75,9 @@ class Settings:
   gym_answers: int = 64           # the gym's chosen train answers in the SFT set
   gym_pairs: int = 48             # the gym's train pairs in the DPO set beside the red-team pairs
   harmful_pairs: int = 0          # harmful train prompts in the DPO set with a refusal over its own answer
+  extra_harmful_prompts: int = 0  # plain harmful train prompts beyond train_per_kind's that --harmful_pairs
+                                  # also draws on (seeded sample; all of them, in split order, when this is
+                                  # at least their number): DPO sees plain requests SFT did not
   benign_pairs: int = 0           # benign train prompts in the DPO set with its own answer over a refusal
   sft_steps: int = 12             # two 512-token rows each on SmolLM2
   dpo_steps: int = 12
@@ -132,6 +136,16 @@ def answered(policy, records: Sequence[Mapping], settings) -> list[dict]:
   batch_size = even_batch(len(prompts), settings.batch_size)
   answers = harness.answers(policy, prompts, dataclasses.replace(settings, batch_size=batch_size))
   return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a and not graders.is_refusal(a)]
+
+
+def extra_harmful(train_records, o: Settings) -> list[dict]:
+  """`o.extra_harmful_prompts` plain harmful prompts of the train split that are not in train_records."""
+  from alignment.safety import data as safety_data
+  taken = {r["prompt"] for r in train_records}
+  more = [r for r in safety_data.load_splits(o.seed)["train"] if r["kind"] == "harmful" and r["prompt"] not in taken]
+  if o.extra_harmful_prompts >= len(more):
+    return more
+  return random.Random(f"{o.seed}/stack/extra_harmful").sample(more, o.extra_harmful_prompts)
 
 
 def sft_rows(train_records, attack_rows, revision_rows, helpful_rows, gym_answers: int, seed: int) -> list[dict]:
@@ -272,7 +286,7 @@ def run_stack(workdir: str, o: Settings) -> dict:
   benign = [r for r in train_records if r["kind"] in BENIGN_KINDS]
   helpful = answered(base, benign, settings)
   harmful = [r for r in train_records if r["kind"] in safety_data.HARMFUL_KINDS]
-  complied = answered(base, harmful, settings) if o.harmful_pairs else []
+  complied = answered(base, harmful + extra_harmful(train_records, o), settings) if o.harmful_pairs else []
   del base
   sft = sft_rows(train_records, read(os.path.join(workdir, "redteam", "sft.jsonl")),
                  revisions, helpful, o.gym_answers, o.seed)

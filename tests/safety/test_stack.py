@@ -83,6 +83,20 @@ def test_the_dpo_set_keeps_the_red_team_pairs_and_sets_refusals_against_complied
   assert sum(r["prompt"].startswith("harmful") for r in make(0, 3)) == 3
 
 
+def test_extra_harmful_prompts_are_plain_train_requests_the_sft_sample_left_out():
+  train = safety_data.load_splits(0)["train"]
+  records = safety_data.sample_per_kind(train, 20, seed=0)
+  taken = {r["prompt"] for r in records}
+  rest = [r for r in train if r["kind"] == "harmful" and r["prompt"] not in taken]
+  settings = lambda n: stack.Settings(extra_harmful_prompts=n, seed=0)
+  assert stack.extra_harmful(records, settings(len(rest))) == rest  # all of them, in split order
+  assert stack.extra_harmful(records, settings(10 * len(rest))) == rest
+  some = stack.extra_harmful(records, settings(25))
+  assert len({r["prompt"] for r in some}) == 25 and all(r in rest for r in some)
+  assert some == stack.extra_harmful(records, settings(25))  # seeded
+  assert stack.extra_harmful(records, settings(0)) == []
+
+
 @pytest.mark.slow
 def test_the_tiny_stack_leaves_a_policy_and_a_guard_that_evaluate_reads_back(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
