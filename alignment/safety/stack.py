@@ -138,14 +138,14 @@ def answered(policy, records: Sequence[Mapping], settings) -> list[dict]:
   return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a and not graders.is_refusal(a)]
 
 
-def extra_harmful(train_records, o: Settings) -> list[dict]:
-  """`o.extra_harmful_prompts` plain harmful prompts of the train split that are not in train_records."""
-  from alignment.safety import data as safety_data
+def extra_harmful(train_split, train_records, count: int, seed: int) -> list[dict]:
+  """`count` plain harmful prompts of `train_split` that are not in `train_records`: all of them, in split order,
+  when there are no more than `count`, else a seeded sample."""
   taken = {r["prompt"] for r in train_records}
-  more = [r for r in safety_data.load_splits(o.seed)["train"] if r["kind"] == "harmful" and r["prompt"] not in taken]
-  if o.extra_harmful_prompts >= len(more):
+  more = [r for r in train_split if r["kind"] == "harmful" and r["prompt"] not in taken]
+  if count >= len(more):
     return more
-  return random.Random(f"{o.seed}/stack/extra_harmful").sample(more, o.extra_harmful_prompts)
+  return random.Random(f"{seed}/stack/extra_harmful").sample(more, count)
 
 
 def sft_rows(train_records, attack_rows, revision_rows, helpful_rows, gym_answers: int, seed: int) -> list[dict]:
@@ -282,11 +282,13 @@ def run_stack(workdir: str, o: Settings) -> dict:
                                                         critique_tokens=o.max_new_tokens, seed=o.seed))
     revisions = read(os.path.join(workdir, "cai", "sft.jsonl"))
     lap("critique and revise")
-  train_records = safety_data.sample_per_kind(safety_data.load_splits(o.seed)["train"], o.train_per_kind, o.seed)
+  train_split = safety_data.load_splits(o.seed)["train"]
+  train_records = safety_data.sample_per_kind(train_split, o.train_per_kind, o.seed)
   benign = [r for r in train_records if r["kind"] in BENIGN_KINDS]
   helpful = answered(base, benign, settings)
   harmful = [r for r in train_records if r["kind"] in safety_data.HARMFUL_KINDS]
-  complied = answered(base, harmful + extra_harmful(train_records, o), settings) if o.harmful_pairs else []
+  more_harmful = extra_harmful(train_split, train_records, o.extra_harmful_prompts, o.seed)
+  complied = answered(base, harmful + more_harmful, settings) if o.harmful_pairs else []
   del base
   sft = sft_rows(train_records, read(os.path.join(workdir, "redteam", "sft.jsonl")),
                  revisions, helpful, o.gym_answers, o.seed)

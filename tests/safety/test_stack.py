@@ -88,13 +88,13 @@ def test_extra_harmful_prompts_are_plain_train_requests_the_sft_sample_left_out(
   records = safety_data.sample_per_kind(train, 20, seed=0)
   taken = {r["prompt"] for r in records}
   rest = [r for r in train if r["kind"] == "harmful" and r["prompt"] not in taken]
-  settings = lambda n: stack.Settings(extra_harmful_prompts=n, seed=0)
-  assert stack.extra_harmful(records, settings(len(rest))) == rest  # all of them, in split order
-  assert stack.extra_harmful(records, settings(10 * len(rest))) == rest
-  some = stack.extra_harmful(records, settings(25))
+  extra = lambda n: stack.extra_harmful(train, records, n, seed=0)
+  assert extra(len(rest)) == rest  # all of them, in split order
+  assert extra(10 * len(rest)) == rest
+  some = extra(25)
   assert len({r["prompt"] for r in some}) == 25 and all(r in rest for r in some)
-  assert some == stack.extra_harmful(records, settings(25))  # seeded
-  assert stack.extra_harmful(records, settings(0)) == []
+  assert some == extra(25)  # seeded
+  assert extra(0) == []
 
 
 @pytest.mark.slow
