@@ -43,10 +43,12 @@ def _apply_preset(c, preset):
   c.train.steps = 100
   c.train.ckpt_every_s = 600.0
   if preset == "gym":
-    # Half the gym's train prompts are sycophancy, and SmolLM2 refuses a harmful request about 1 time in 10,
-    # so most harmful groups have no refusal to reinforce: a fifth of the sycophancy prompts, the harmful and
-    # jailbreak ones twice, and 8 samples a prompt give those kinds their share of the gradient.
-    c.rl.kind_weights = "sycophancy:0.2,harmful:2,jailbreak:2"
+    # Half the gym's train prompts are sycophancy, and SmolLM2 refuses a harmful request (or abstains on an
+    # unanswerable one) about 1 time in 10, so most such groups have no right answer to reinforce: a fifth of the
+    # sycophancy prompts, the harmful, jailbreak and honesty ones twice, 8 samples a prompt, and dynamic sampling
+    # (up to 3 draws of 4 prompts, the groups whose rewards differ first) give those kinds their gradient.
+    c.rl.kind_weights = "sycophancy:0.2,honesty:2,harmful:2,jailbreak:2"
+    c.rl.dynamic_sampling, c.rl.max_draws = 1, 3
     c.rl.prompts_per_step, c.rl.group_size, c.rl.max_new_tokens = 4, 8, 48
     c.rl.kl_coef = 0.1
     c.model.frozen_layers, c.model.frozen_embeddings = 20, True
